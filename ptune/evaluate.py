@@ -1,0 +1,57 @@
+"""Evaluation: sorted-by-length batches under inference_mode, accuracy and macro-F1 via scikit-learn."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+
+from .batching import Encoded, collate, eval_batches
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def predict_logits(
+    model, data: Encoded, batch_size: int, device: torch.device, amp: torch.dtype | None, left_pad: bool
+) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    chunks: list[tuple[list[int], torch.Tensor]] = []
+    lengths = [len(x) for x in data.input_ids]
+    with torch.inference_mode(), autocast(device, amp):
+        for idx in eval_batches(lengths, batch_size):
+            b = collate(data, idx, model.pad_id, left_pad)
+            logits = model(
+                b["input_ids"].to(device), b["attention_mask"].to(device), b["answer_pos"].to(device)
+            ).float()
+            chunks.append((idx, logits.cpu()))
+    model.train(was_training)
+    out = torch.empty(len(data), chunks[0][1].shape[1]) if chunks else torch.empty(0, 0)
+    for idx, logits in chunks:
+        out[idx] = logits
+    return out
+
+
+def metrics_from_logits(logits: torch.Tensor, labels: list[int], num_classes: int) -> dict[str, float]:
+    preds = logits.argmax(-1).tolist()
+    return {
+        "accuracy": float(accuracy_score(labels, preds)),
+        "macro_f1": float(
+            f1_score(labels, preds, average="macro", labels=list(range(num_classes)), zero_division=0)
+        ),
+    }
+
+
+def evaluate(model, data: Encoded, batch_size: int, device, amp, left_pad: bool, num_classes: int) -> dict:
+    start = time.perf_counter()
+    logits = predict_logits(model, data, batch_size, device, amp, left_pad)
+    wall = time.perf_counter() - start
+    result = metrics_from_logits(logits, data.labels, num_classes)
+    result["eval_examples_per_s"] = len(data) / max(wall, 1e-9)
+    return result

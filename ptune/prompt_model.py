@@ -1,0 +1,94 @@
+"""PromptModel: frozen backbone + prompt-tuning method + readout, one forward for all three families."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .readout import ClsHead, VerbalizerReadout
+from .template import SOFT_ID
+from .tuners import Tuner
+from .tuners import deep_attention as da
+
+Family = Literal["encoder", "seq2seq", "causal"]
+
+
+class PromptModel(nn.Module):
+    def __init__(self, model: nn.Module, family: Family, tuner: Tuner, readout: nn.Module, pad_id: int):
+        super().__init__()
+        self.backbone = model
+        self.family = family
+        self.tuner = tuner
+        self.readout = readout
+        self.pad_id = pad_id
+        self.embeddings = model.get_input_embeddings()
+        body = model.get_encoder() if family == "seq2seq" else model.base_model
+        self._body = body
+        self._takes_positions = "position_ids" in inspect.signature(body.forward).parameters
+        self._lm_head = self._find_lm_head() if isinstance(readout, VerbalizerReadout) else None
+        self._softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def _find_lm_head(self) -> nn.Module | None:
+        if self.family != "encoder":
+            return None
+        base = self.backbone.base_model
+        heads = [m for _, m in self.backbone.named_children() if m is not base]
+        return heads[0] if len(heads) == 1 else None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in list(self.tuner.parameters()) + list(self.readout.parameters()) if p.requires_grad]
+
+    def train(self, mode: bool = True) -> PromptModel:
+        """The frozen backbone always stays in eval mode (no dropout): only the prompt and head train."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        soft = input_ids == SOFT_ID
+        embeds = self.embeddings(input_ids.masked_fill(soft, self.pad_id))
+        vectors = self.tuner.soft_vectors()
+        if vectors is not None:
+            b = input_ids.shape[0]
+            src = vectors.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1)
+            embeds = embeds.masked_scatter(soft.unsqueeze(-1), src)
+        return embeds
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_pos: torch.Tensor):
+        embeds = self.embed(input_ids)
+        kwargs = {}
+        if self._takes_positions:
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        prefixes = self.tuner.deep_prefixes() if self.tuner.is_deep else None
+        with da.prefixes(prefixes):
+            if self.family == "seq2seq":
+                start = self.backbone.config.decoder_start_token_id or 0
+                dec = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device)
+                out = self.backbone(
+                    inputs_embeds=embeds, attention_mask=attention_mask, decoder_input_ids=dec
+                )
+                return self.readout(out.logits[:, 0])
+            hidden = self._body(
+                inputs_embeds=embeds, attention_mask=attention_mask, **kwargs
+            ).last_hidden_state
+        if isinstance(self.readout, ClsHead):
+            return self.readout(hidden, attention_mask)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        h = hidden[rows, answer_pos]
+        if self.family == "causal":
+            # Only the label words' rows of the LM head: Gemma's head alone has 168M weights.
+            head = self.backbone.get_output_embeddings()
+            ids = self.readout.verbalizer.flat_ids.to(h.device)
+            bias = head.bias[ids] if getattr(head, "bias", None) is not None else None
+            logits = torch.nn.functional.linear(h, head.weight[ids], bias)
+            if self._softcap:
+                logits = torch.tanh(logits / self._softcap) * self._softcap
+            return self.readout(logits, ids)
+        elif self._lm_head is not None:
+            logits = self._lm_head(h)
+        else:
+            raise RuntimeError("no MLM head found on this backbone")
+        return self.readout(logits)

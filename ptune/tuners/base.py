@@ -1,0 +1,145 @@
+"""What every prompt-tuning method provides to the PromptModel, and what it is built from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import PtuneError
+
+
+@dataclass
+class MethodConfig:
+    """Base for per-method configs: built from the Hydra ``method`` group and validated on creation."""
+
+    name: str = ""
+    prompt_length: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt_length, int) or isinstance(self.prompt_length, bool):
+            raise PtuneError(f"method.prompt_length={self.prompt_length!r} must be an integer >= 0")
+        if self.prompt_length < 0:
+            raise PtuneError(f"method.prompt_length={self.prompt_length} must be >= 0")
+
+    @classmethod
+    def from_mapping(cls, cfg: dict[str, Any]) -> MethodConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise PtuneError(
+                f"method.{unknown[0]} is not an option of method {cfg.get('name')!r}: valid are {sorted(known)}"
+            )
+        return cls(**cfg)
+
+    @staticmethod
+    def check_choice(key: str, value: Any, valid: tuple) -> None:
+        if value not in valid:
+            raise PtuneError(f"method.{key}={value!r} is not valid: use one of {', '.join(map(str, valid))}")
+
+    @staticmethod
+    def check_range(key: str, value: Any, low: float, high: float | None = None) -> None:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= low
+        if ok and high is not None:
+            ok = value <= high
+        if not ok:
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise PtuneError(f"method.{key}={value!r} must be a number {bound}")
+
+
+@dataclass
+class SiteShape:
+    heads: int
+    head_dim: int
+
+
+@dataclass
+class TunerContext:
+    """Everything a method may need from the backbone and template to build and initialise itself."""
+
+    embeddings: nn.Module  # the backbone's input embedding module (its output is what soft tokens replace)
+    hidden_size: int
+    num_soft: int  # soft-token slots in every rendered input
+    soft_init_ids: list[int | None]  # per slot: a token id to initialise from, or None
+    label_word_ids: list[int]  # first token of every label word (for init=labels)
+    vocab_size: int
+    special_ids: list[int]
+    sites: list[SiteShape]  # deep-prompt attention sites, in model order
+    site_init: Any = None  # callable(prompt_length) -> list[(k, v)] from real tokens, for deep init="vocab"
+
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            w = self.embeddings(torch.tensor([ids], device=_device(self.embeddings)))[0]
+        return w.detach().float()
+
+    def sample_vocab(self, n: int, generator: torch.Generator) -> list[int]:
+        """Token ids drawn from the first 5,000 non-special ids (frequent words in most vocabularies)."""
+        special = set(self.special_ids)
+        pool = [i for i in range(min(self.vocab_size, 5000 + len(special))) if i not in special]
+        idx = torch.randint(len(pool), (n,), generator=generator)
+        return [pool[i] for i in idx.tolist()]
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class Tuner(nn.Module):
+    """A prompt-tuning method: it produces soft-token vectors and/or per-layer key/value prefixes.
+
+    ``export_state`` folds any reparameterisation (LSTM/MLP) into plain tensors; a tuner restored from such a
+    state serves those tensors directly.
+    """
+
+    config: MethodConfig
+
+    def soft_vectors(self) -> torch.Tensor | None:
+        """[num_soft, hidden] vectors for the soft-token slots, or None."""
+        return None
+
+    def deep_prefixes(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per attention site (key, value) of shape [1, heads, prompt_length, head_dim], or None."""
+        return None
+
+    @property
+    def is_deep(self) -> bool:
+        return False
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_exported(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+
+def init_soft_vectors(
+    ctx: TunerContext, init: str, init_text: str, tokenizer, generator: torch.Generator
+) -> torch.Tensor:
+    """Lester et al. initialisations for every soft slot; template {soft:"words"} slots use their words."""
+    n, h = ctx.num_soft, ctx.hidden_size
+    if n == 0:
+        return torch.zeros(0, h)
+    table = ctx.embed(list(range(min(ctx.vocab_size, 5000))))
+    std = float(table.std())
+    if init == "random":
+        base = torch.randn(n, h, generator=generator) * std
+    elif init == "vocab":
+        base = ctx.embed(ctx.sample_vocab(n, generator))
+    elif init == "text":
+        ids = list(tokenizer(init_text, add_special_tokens=False)["input_ids"]) if init_text else []
+        if not ids:
+            raise PtuneError("method.init=text needs a non-empty method.init_text")
+        base = ctx.embed([ids[i % len(ids)] for i in range(n)])
+    elif init == "labels":
+        ids = ctx.label_word_ids
+        if not ids:
+            raise PtuneError("method.init=labels needs a verbalizer with label words (not a [CLS] head)")
+        base = ctx.embed([ids[i % len(ids)] for i in range(n)])
+    else:
+        raise PtuneError(f"method.init={init!r} is not valid: use random, vocab, text or labels")
+    fixed = [(i, t) for i, t in enumerate(ctx.soft_init_ids) if t is not None]
+    if fixed:
+        base[[i for i, _ in fixed]] = ctx.embed([t for _, t in fixed])
+    return base

@@ -1,0 +1,134 @@
+"""Deep-prompt injection through transformers' attention-function registry.
+
+Every model family in transformers 5.x (BERT, T5/MT5, GPT-2, Llama, Gemma 3, ...) calls a registered
+attention function with the already-projected (and, for rotary models, already-rotated) query/key/value.
+We register one wrapper, ``ptune_sdpa``, that prepends the active key/value prefixes of that attention site
+and widens the mask (and T5's relative-position bias) to match, then calls the stock SDPA kernel. This
+avoids the cache API, which keeps changing across 5.x releases, and needs no per-architecture class.
+Prefixes are per-row tensors, so one batch may mix prompts (multi-prompt serving).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+IMPLEMENTATION = "ptune_sdpa"
+
+
+@dataclass
+class _State:
+    prefixes: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per site: key, value [B, H, P, D]
+    record: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # site -> (key, value) seen
+    record_only: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+_ACTIVE: contextvars.ContextVar[_State | None] = contextvars.ContextVar("ptune_deep_prompt", default=None)
+
+
+def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    state = _ACTIVE.get()
+    site = getattr(module, "_ptune_site", None)
+    if state is not None and site is not None:
+        if state.record is not None:
+            state.record[site] = (key.detach(), value.detach())
+        if state.prefixes is not None:
+            pk, pv = state.prefixes[site]
+            key, value, attention_mask, kwargs = _extend(
+                module, query, key, value, pk, pv, attention_mask, kwargs
+            )
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _extend(module, query, key, value, pk, pv, mask, kwargs):
+    p = pk.shape[-2]
+    b = key.shape[0]
+    key = torch.cat([pk.to(key.dtype).expand(b, -1, -1, -1), key], dim=2)
+    value = torch.cat([pv.to(value.dtype).expand(b, -1, -1, -1), value], dim=2)
+    q_len, k_len = query.shape[2], key.shape[2] - p
+    if mask is None:
+        causal = kwargs.get("is_causal")
+        causal = getattr(module, "is_causal", False) if causal is None else causal
+        if causal and q_len > 1:
+            rows = torch.arange(q_len, device=key.device)[:, None] + (k_len - q_len)
+            mask = (rows >= torch.arange(k_len, device=key.device)[None, :]).view(1, 1, q_len, k_len)
+    if mask is not None:
+        mask = F.pad(mask, (p, 0), value=True if mask.dtype == torch.bool else 0.0)
+    bias = kwargs.get("position_bias")
+    if bias is not None:
+        kwargs = {**kwargs, "position_bias": F.pad(bias, (p, 0), value=0.0)}
+    return key, value, mask, kwargs
+
+
+ALL_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, _attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
+
+
+@dataclass(frozen=True)
+class Site:
+    index: int
+    name: str
+    cross: bool
+
+
+def attention_sites(model: nn.Module) -> list[Site]:
+    """Innermost modules named *Attention: the ones that call the attention function."""
+    found = []
+    modules = dict(model.named_modules())
+    for name, mod in modules.items():
+        cls = type(mod).__name__
+        if not cls.endswith("Attention"):
+            continue
+        if any(type(c).__name__.endswith("Attention") for c in mod.modules() if c is not mod):
+            continue
+        parent = modules.get(name.rsplit(".", 1)[0]) if "." in name else None
+        cross = (
+            "Cross" in cls
+            or (parent is not None and "Cross" in type(parent).__name__)
+            or bool(getattr(mod, "is_cross_attention", False))
+            or name.endswith("crossattention")
+            or name.endswith("encoder_attn")
+        )
+        found.append((name, mod, cross))
+    sites = []
+    for i, (name, mod, cross) in enumerate(found):
+        mod._ptune_site = i
+        sites.append(Site(i, name, cross))
+    return sites
+
+
+def enable(model: nn.Module) -> list[Site]:
+    """Route the model's attention through the prefix-aware wrapper; returns its attention sites."""
+    if model.config._attn_implementation != IMPLEMENTATION:
+        model.set_attn_implementation(IMPLEMENTATION)
+    return attention_sites(model)
+
+
+@contextlib.contextmanager
+def prefixes(per_site: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Iterator[None]:
+    token = _ACTIVE.set(_State(prefixes=per_site))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Capture every site's key/value (used to size prefixes and to initialise them from real tokens)."""
+    record: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    token = _ACTIVE.set(_State(record=record))
+    try:
+        yield record
+    finally:
+        _ACTIVE.reset(token)

@@ -1,0 +1,1 @@
+"""See config.py and model.py."""

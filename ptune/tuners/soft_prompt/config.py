@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..base import MethodConfig
+
+INITS = ("random", "vocab", "text", "labels")
+
+
+@dataclass
+class SoftPromptConfig(MethodConfig):
+    """Lester et al. 2021: ``prompt_length`` trainable vectors prepended to the input embeddings."""
+
+    name: str = "soft_prompt"
+    prompt_length: int = 20
+    init: str = "vocab"
+    init_text: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_choice("init", self.init, INITS)

@@ -1,0 +1,120 @@
+"""Verbalizers: map each class to label words and read class scores off the LM's answer-slot logits."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .errors import PtuneError
+
+MultiToken = Literal["first", "mean"]
+
+
+@dataclass
+class Verbalizer:
+    """Token ids of every label word, padded into one [classes, words, tokens] index with masks.
+
+    Class score = mean over its words of the word score; a multi-token word scores the first token's logit
+    ("first") or the mean of its tokens' logits at the answer slot ("mean").
+    """
+
+    label_names: list[str]
+    words: list[list[str]]
+    token_ids: torch.Tensor  # [C, W, T] long
+    token_mask: torch.Tensor  # [C, W, T] bool
+    word_mask: torch.Tensor  # [C, W] bool
+    multi_token: MultiToken = "first"
+
+    @property
+    def flat_ids(self) -> torch.Tensor:
+        """Unique token ids used, so the LM head only needs these rows."""
+        return torch.unique(self.token_ids[self.token_mask])
+
+    def class_scores(self, logits: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``logits`` [B, V] over the vocabulary, or [B, len(ids)] over ``ids`` (a subset of the vocab)."""
+        index = self.token_ids
+        if ids is not None:
+            lookup = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long, device=ids.device)
+            lookup[ids] = torch.arange(len(ids), device=ids.device)
+            index = lookup[self.token_ids.to(ids.device)]
+        index = index.to(logits.device)
+        tmask = self.token_mask.to(logits.device)
+        if self.multi_token == "first":
+            tmask = torch.zeros_like(tmask)
+            tmask[..., 0] = self.token_mask[..., 0]
+        gathered = logits[:, index.clamp(min=0)]  # [B, C, W, T]
+        tm = tmask.to(logits.dtype)
+        word = (gathered * tm).sum(-1) / tm.sum(-1).clamp(min=1)
+        wm = self.word_mask.to(logits.device).to(logits.dtype)
+        return (word * wm).sum(-1) / wm.sum(-1).clamp(min=1)
+
+
+def build_verbalizer(
+    label_words: Mapping[str, Sequence[str] | str] | Sequence[Sequence[str] | str],
+    label_names: Sequence[str],
+    tokenizer,
+    leading_space: bool,
+    multi_token: MultiToken = "first",
+) -> Verbalizer:
+    """Tokenise label words and check each is known and unambiguous for this tokenizer."""
+    if multi_token not in ("first", "mean"):
+        raise PtuneError(f"verbalizer multi_token={multi_token!r} is not valid: use first or mean")
+    if isinstance(label_words, Mapping):
+        unknown = [k for k in label_words if k not in label_names]
+        if unknown:
+            raise PtuneError(
+                f"verbalizer has label {unknown[0]!r} that is not in the data set's labels {list(label_names)}"
+            )
+        missing = [n for n in label_names if n not in label_words]
+        if missing:
+            raise PtuneError(f"verbalizer has no label words for class {missing[0]!r}")
+        per_class = [label_words[n] for n in label_names]
+    else:
+        per_class = list(label_words)
+        if len(per_class) != len(label_names):
+            raise PtuneError(
+                f"verbalizer has {len(per_class)} classes but the data set has {len(label_names)}: {list(label_names)}"
+            )
+    words = [[w] if isinstance(w, str) else list(w) for w in per_class]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    ids: list[list[list[int]]] = []
+    seen: dict[tuple[int, ...], str] = {}
+    for cls, ws in zip(label_names, words, strict=True):
+        if not ws:
+            raise PtuneError(f"verbalizer class {cls!r} has no label words")
+        cls_ids = []
+        for w in ws:
+            if not isinstance(w, str) or not w.strip():
+                raise PtuneError(f"verbalizer class {cls!r} has an empty label word")
+            toks = list(tokenizer((" " + w) if leading_space else w, add_special_tokens=False)["input_ids"])
+            if leading_space and len(toks) > 1 and _is_bare_space(tokenizer, toks[0]):
+                toks = toks[1:]
+            if not toks or (unk is not None and unk in toks):
+                raise PtuneError(f"label word {w!r} (class {cls!r}) is unknown to the backbone's tokenizer")
+            key = tuple(toks[:1]) if multi_token == "first" else tuple(toks)
+            if key in seen and seen[key] != cls:
+                raise PtuneError(
+                    f"label word {w!r} (class {cls!r}) is ambiguous: it reads as the same token(s) as a word of "
+                    f"class {seen[key]!r}"
+                )
+            seen[key] = cls
+            cls_ids.append(toks)
+        ids.append(cls_ids)
+    c, w_max = len(ids), max(len(x) for x in ids)
+    t_max = max(len(t) for x in ids for t in x)
+    token_ids = torch.zeros(c, w_max, t_max, dtype=torch.long)
+    token_mask = torch.zeros(c, w_max, t_max, dtype=torch.bool)
+    word_mask = torch.zeros(c, w_max, dtype=torch.bool)
+    for i, cls_ids in enumerate(ids):
+        for j, toks in enumerate(cls_ids):
+            token_ids[i, j, : len(toks)] = torch.tensor(toks)
+            token_mask[i, j, : len(toks)] = True
+            word_mask[i, j] = True
+    return Verbalizer(list(label_names), words, token_ids, token_mask, word_mask, multi_token)
+
+
+def _is_bare_space(tokenizer, token_id: int) -> bool:
+    return tokenizer.decode([token_id]).strip() == ""

@@ -1,0 +1,89 @@
+"""Build tasks for tests straight from composed configs (no data files needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ptune.batching import collate
+from ptune.build import Task, build_task, encode
+from ptune.cli import compose
+
+LABELS = ["negative", "positive"]
+SENTENCES = [
+    "a gorgeous , witty , seductive movie .",
+    "the plot is nothing but boilerplate clichés from start to finish ,",
+    "it 's a charming and often affecting journey .",
+    "unflinchingly bleak and desperate",
+    "the acting is just bad",
+    "a masterpiece four years in the making",
+]
+
+FAMILY_TEMPLATES = {
+    "mlm": "{text_a} It was {mask}.",
+    "causal": "{text_a} It was {mask}",
+    "seq2seq": "{text_a} It was {mask}.",
+}
+V1_TEMPLATES = {
+    "mlm": "{soft:2} {text_a} {soft} It was {mask}.",
+    "causal": '{soft:"the movie"} {text_a} {soft:2} It was {mask}',
+    "seq2seq": "{soft:2} {text_a} {soft} It was {mask}.",
+}
+
+
+def make_cfg(
+    model_dir: Path | str,
+    method: str,
+    *,
+    readout: str = "verbalizer",
+    family: str = "mlm",
+    prompt_length: int | None = None,
+    template: str | None = None,
+    extra: list[str] | None = None,
+):
+    overrides = [
+        f"method={method}",
+        "dataset=csv",
+        "trainer.precision=fp32",
+        "trainer.device=cpu",
+        *(extra or []),
+    ]
+    cfg = compose(overrides)
+    OmegaConf.set_struct(cfg, False)
+    cfg.backbone.name = str(model_dir)
+    cfg.backbone.max_length = 64
+    if prompt_length is not None:
+        cfg.method.prompt_length = prompt_length
+    if readout == "head":
+        cfg.template = OmegaConf.create(
+            {"readout": "head", "text": template or "{text_a}", "pooling": "mean", "head_dropout": 0.0}
+        )
+    else:
+        text = template or (V1_TEMPLATES if method == "ptuning_v1" else FAMILY_TEMPLATES)[family]
+        cfg.template = OmegaConf.create(
+            {
+                "readout": "verbalizer",
+                "text": text,
+                "label_words": {"negative": ["terrible"], "positive": ["great"]},
+            }
+        )
+    del cfg["hydra"]
+    return cfg
+
+
+def make_task(cfg, seed: int = 0) -> Task:
+    return build_task(cfg, LABELS, seed)
+
+
+def batch(task: Task, sentences=SENTENCES, left_pad: bool | None = None):
+    enc = encode(task, [{"text_a": s} for s in sentences], [i % 2 for i in range(len(sentences))])
+    lp = task.left_pad if left_pad is None else left_pad
+    return enc, collate(enc, list(range(len(enc))), task.model.pad_id, lp)
+
+
+def logits(task: Task, b) -> torch.Tensor:
+    task.model.eval()
+    with torch.no_grad():
+        return task.model(b["input_ids"], b["attention_mask"], b["answer_pos"])

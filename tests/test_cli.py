@@ -1,0 +1,131 @@
+"""The console script end to end: train then eval reproduces the metric; bad input gives one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .helpers import SENTENCES
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def ptune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ptune", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600
+    )
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text("text,label\n" + "".join(f'"{t}",{lab}\n' for t, lab in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def tiny_csv(tmp_path) -> dict[str, Path]:
+    rows = [(s, ["negative", "positive"][i % 2]) for i, s in enumerate(SENTENCES * 4)]
+    return {"train": write_csv(tmp_path / "train.csv", rows), "dev": write_csv(tmp_path / "dev.csv", rows[:12])}
+
+
+def csv_overrides(tiny_models, tiny_csv) -> list[str]:
+    return [
+        "backbone=hf",
+        f"backbone.name={tiny_models['bert']}",
+        "backbone.max_length=64",
+        "dataset=csv",
+        f"dataset.train_file={tiny_csv['train']}",
+        f"dataset.dev_file={tiny_csv['dev']}",
+        "dataset.label_names=[negative,positive]",
+        "template=sst2_mlm",
+        "method.prompt_length=4",
+        "trainer.max_steps=4",
+        "trainer.eval_every=2",
+        "trainer.batch_size=4",
+    ]
+
+
+def run_dir(cwd: Path) -> Path:
+    runs = sorted((cwd / "outputs" / "runs").glob("*/*"))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_train_then_eval_reproduces_metric(tiny_models, tiny_csv, tmp_path):
+    res = ptune("train", *csv_overrides(tiny_models, tiny_csv), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = run_dir(tmp_path)
+    results = json.loads((out / "results.json").read_text())
+    for key in ("best_metric", "best_step", "metrics", "trainable_params", "total_params", "train_examples_per_s",
+                "eval_examples_per_s", "wall_s", "checkpoint_bytes"):
+        assert key in results
+    assert set(results["metrics"]) >= {"accuracy", "macro_f1"}
+    assert 0 < results["trainable_params"] < results["total_params"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4]
+    ckpt = out / "checkpoint"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.yaml", "meta.json", "prompt.safetensors"]
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["label_names"] == ["negative", "positive"] and "ptune_version" in meta
+    assert meta["backbone"]["hidden_size"] == 32
+    ev = ptune("eval", str(out), cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr
+    evaluated = json.loads((out / "eval.json").read_text())
+    assert abs(evaluated["accuracy"] - results["metrics"]["accuracy"]) < 1e-6
+    assert abs(evaluated["macro_f1"] - results["metrics"]["macro_f1"]) < 1e-6
+
+
+def test_help(tmp_path):
+    res = ptune("--help", cwd=tmp_path)
+    assert res.returncode == 0 and "train" in res.stdout and "eval" in res.stdout
+    res = ptune("train", "--help", cwd=tmp_path)
+    assert res.returncode == 0 and "backbone" in res.stdout and "method" in res.stdout
+
+
+BAD_INPUTS = {
+    "unknown backbone": (["backbone.name=no-such-model-xyz"], "no-such-model-xyz"),
+    "missing data file": (["+experiment=sst2_soft", "data.root=/nonexistent/ptune-data"], "/nonexistent/ptune-data"),
+    "template without mask for MLM verbalizer": (
+        ["backbone=cassette_bert", "dataset=sst2", "template=sst2_mlm", "template.text='{text_a} was good.'"],
+        "mask",
+    ),
+    "label outside the label set": (
+        ["backbone=cassette_bert", "dataset=sst2", "template=sst2_mlm", "+template.label_words.neutral=[okay]"],
+        "neutral",
+    ),
+    "negative prompt length": (["method.prompt_length=-1"], "-1"),
+    "unknown experiment": (["+experiment=no_such_experiment"], "no_such_experiment"),
+    "zero batch size": (["trainer.batch_size=0"], "batch_size"),
+    "unknown method": (["method.name=lora"], "lora"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_one_line_no_traceback(case, tmp_path, data_root):
+    args, needle = BAD_INPUTS[case]
+    if case != "missing data file":
+        args = [*args, f"data.root={data_root}"]
+    res = ptune("train", *args, cwd=tmp_path)
+    assert res.returncode != 0
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("ptune: error:") and needle in lines[0], lines[0]
+    assert "Traceback" not in res.stderr + res.stdout
+    assert not list(tmp_path.glob("outputs/runs/*/*")), "a failed run left a run folder behind"
+
+
+def test_unknown_label_in_data_file(tiny_models, tiny_csv, tmp_path):
+    write_csv(tiny_csv["dev"], [("fine film", "positive"), ("odd one", "neutral")])
+    res = ptune("train", *csv_overrides(tiny_models, tiny_csv), cwd=tmp_path)
+    assert res.returncode != 0
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "neutral" in lines[0] and "dev.csv" in lines[0], res.stderr
+
+
+def test_eval_of_missing_checkpoint(tmp_path):
+    res = ptune("eval", str(tmp_path / "nothing"), cwd=tmp_path)
+    assert res.returncode != 0 and "no checkpoint" in res.stderr and "Traceback" not in res.stderr

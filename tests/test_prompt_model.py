@@ -1,0 +1,146 @@
+"""Correctness of every method on every backbone family, on tiny random models.
+
+For each method x family: only the method's parameters change in training (checked on the weights), every
+trainable parameter gets a non-zero gradient, length 0 equals the bare backbone, a saved prompt reloads to
+identical logits, left/right padding agree, and a batch of one equals its row in a padded batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ptune.batching import collate
+from ptune.checkpoint import save_checkpoint
+from ptune.inference import load_task
+from ptune.template import SOFT_ID
+
+from .helpers import FAMILY_TEMPLATES, LABELS, SENTENCES, batch, logits, make_cfg, make_task
+
+FAMILIES = {  # tiny model kind -> template family
+    "bert": "mlm",
+    "t5": "seq2seq",
+    "mt5": "seq2seq",
+    "gpt2": "causal",
+    "llama": "causal",
+    "gemma3": "causal",
+}
+METHODS = ["soft_prompt", "ptuning_v1", "ptuning_v2", "prefix"]
+GRID = [(m, k) for m in METHODS for k in FAMILIES] + [(m, "bert-head") for m in METHODS]
+
+
+def _cfg(tiny_models, method, kind, **kw):
+    if kind == "bert-head":
+        return make_cfg(tiny_models["bert"], method, readout="head", **kw)
+    return make_cfg(tiny_models[kind], method, family=FAMILIES[kind], **kw)
+
+
+def _perturb(task):
+    """Move every prompt parameter away from its init so that tests see a non-trivial prompt."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in task.model.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("method,kind", GRID)
+def test_only_method_parameters_change(tiny_models, method, kind):
+    task = make_task(_cfg(tiny_models, method, kind, prompt_length=3))
+    model = task.model
+    frozen_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    trainable = dict(model.tuner.named_parameters()) | {
+        f"readout.{k}": v for k, v in model.readout.named_parameters()
+    }
+    trainable = {k: v for k, v in trainable.items() if v.requires_grad}
+    before = {k: v.detach().clone() for k, v in trainable.items()}
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    _, b = batch(task)
+    model.train()
+    out = model(b["input_ids"], b["attention_mask"], b["answer_pos"])
+    torch.nn.functional.cross_entropy(out, b["labels"]).backward()
+    for name, p in trainable.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+    assert all(p.grad is None for p in model.backbone.parameters()), "frozen backbone received gradients"
+    opt.step()
+    for name, value in model.backbone.state_dict().items():
+        assert torch.equal(value, frozen_before[name]), f"backbone weight {name} changed"
+    for name, p in trainable.items():
+        assert not torch.equal(p.detach(), before[name]), f"trainable {name} did not change"
+
+
+def _bare_logits(task, b):
+    """The backbone alone, through its own forward, read out the same way."""
+    model, bb = task.model, task.model.backbone
+    ids = b["input_ids"]
+    assert not (ids == SOFT_ID).any()
+    rows = torch.arange(ids.shape[0])
+    with torch.no_grad():
+        if model.family == "seq2seq":
+            start = bb.config.decoder_start_token_id or 0
+            dec = torch.full((ids.shape[0], 1), start, dtype=torch.long)
+            vocab = bb(input_ids=ids, attention_mask=b["attention_mask"], decoder_input_ids=dec).logits[:, 0]
+            return model.readout(vocab)
+        if task.verbalizer is None:
+            hidden = bb(input_ids=ids, attention_mask=b["attention_mask"]).last_hidden_state
+            return model.readout(hidden, b["attention_mask"])
+        kwargs = {}
+        if model.family == "causal":
+            kwargs["position_ids"] = (b["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        vocab = bb(input_ids=ids, attention_mask=b["attention_mask"], **kwargs).logits[rows, b["answer_pos"]]
+        return model.readout(vocab)
+
+
+@pytest.mark.parametrize("method,kind", [(m, k) for m, k in GRID if m != "ptuning_v1"])
+def test_length_zero_equals_bare_backbone(tiny_models, method, kind):
+    task = make_task(_cfg(tiny_models, method, kind, prompt_length=0))
+    _, b = batch(task)
+    got = logits(task, b)
+    ref = _bare_logits(task, b)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_ptuning_v1_without_virtual_tokens_equals_bare_backbone(tiny_models, kind):
+    task = make_task(
+        _cfg(tiny_models, "ptuning_v1", kind, prompt_length=0, template=FAMILY_TEMPLATES[FAMILIES[kind]])
+    )
+    _, b = batch(task)
+    torch.testing.assert_close(logits(task, b), _bare_logits(task, b), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,kind", GRID)
+def test_prompt_changes_logits_and_reloads_identically(tiny_models, method, kind, tmp_path):
+    cfg = _cfg(tiny_models, method, kind, prompt_length=3)
+    task = make_task(cfg)
+    _perturb(task)
+    _, b = batch(task)
+    before = logits(task, b)
+    save_checkpoint(tmp_path / "checkpoint", task.model, cfg, {"label_names": LABELS})
+    reloaded, _, _, _ = load_task(tmp_path)
+    after = logits(reloaded, b)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    bare = make_task(
+        _cfg(
+            tiny_models,
+            method,
+            kind,
+            prompt_length=0,
+            template=None if kind == "bert-head" else FAMILY_TEMPLATES[FAMILIES[kind]],
+        )
+    )
+    _, b0 = batch(bare)
+    assert not torch.allclose(logits(bare, b0), before, atol=1e-4), "the prompt has no effect on the output"
+
+
+@pytest.mark.parametrize("method,kind", GRID)
+def test_padding_side_and_batch_of_one(tiny_models, method, kind):
+    task = make_task(_cfg(tiny_models, method, kind, prompt_length=3))
+    _perturb(task)
+    enc, right = batch(task, left_pad=False)
+    _, left = batch(task, left_pad=True)
+    assert right["attention_mask"].min() == 0, "test batch should contain padding"
+    lr, ll = logits(task, right), logits(task, left)
+    torch.testing.assert_close(lr, ll, rtol=0, atol=2e-5)
+    for i in range(len(SENTENCES)):
+        one = collate(enc, [i], task.model.pad_id, task.left_pad)
+        torch.testing.assert_close(logits(task, one)[0], lr[i], rtol=0, atol=2e-5)
