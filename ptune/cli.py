@@ -115,28 +115,31 @@ def eval_main(argv: list[str]) -> None:
     print_eval_table(rows)
 
 
+COMMANDS = {
+    "train": (train_main, "train a prompt; Hydra overrides follow (`-m` for a multirun sweep)"),
+    "eval": (eval_main, "evaluate checkpoints: PATH... [key=value overrides]"),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="ptune",
         description="Prompt tuning of frozen transformers: soft prompts, P-tuning v1/v2, prefix tuning.",
-        epilog="`ptune train --help` shows the Hydra config groups; `ptune train -m ...` runs a sweep.",
+        epilog="\n".join(f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items())
+        + "\n\n`ptune train --help` shows the Hydra config groups.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "command", choices=["train", "eval"], help="train: Hydra overrides follow; eval: PATH..."
-    )
+    parser.add_argument("command", choices=list(COMMANDS), help="subcommand (see below)")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         raise SystemExit(0 if argv else EXIT_USER_ERROR)
     command, rest = argv[0], argv[1:]
-    if command not in ("train", "eval"):
-        fail(f"unknown command {command!r}: use train or eval")
+    if command not in COMMANDS:
+        fail(f"unknown command {command!r}: use one of {', '.join(COMMANDS)}")
     _quiet()
     try:
-        if command == "train":
-            train_main(rest)
-        else:
-            eval_main(rest)
+        COMMANDS[command][0](rest)
     except PtuneError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
