@@ -85,10 +85,21 @@ def build_task(cfg: DictConfig, label_names: list[str], seed: int) -> Task:
         truncate_side=truncate,
     )
     verbalizer = None
+    calibrate = tcfg.get("calibrate", False)
+    if not isinstance(calibrate, bool) or (calibrate and kind != "verbalizer"):
+        raise PtuneError(
+            f"template.calibrate={calibrate!r} is not valid: contextual calibration is true/false and needs "
+            "template.readout=verbalizer"
+        )
     if kind == "verbalizer":
         words = tcfg.get("label_words")
         if not words:
             raise PtuneError("template.label_words is empty: map every class to one or more label words")
+        if tcfg.get("multi_token") == "full" and family == "encoder":
+            raise PtuneError(
+                "template.multi_token=full (whole-word log-likelihood) needs a causal or seq2seq backbone; "
+                "an MLM reads the single [MASK] slot: use multi_token=first or mean"
+            )
         verbalizer = build_verbalizer(
             words,
             label_names,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import PtuneError
+from .show import show_template_main
 
 EXIT_USER_ERROR = 2
 
@@ -61,11 +62,32 @@ def _discard_failed_run(out: Path) -> None:
             parent.rmdir()
 
 
+def resume_run(argv: list[str]) -> None:
+    """`ptune train --resume RUN_DIR`: continue a killed run in place with the config it started with."""
+    from omegaconf import OmegaConf
+
+    from .train import run_training
+
+    if len(argv) != 1:
+        fail("usage: ptune train --resume RUN_DIR")
+    run = Path(argv[0])
+    saved = run / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        fail(f"{str(run)!r} is not a ptune run folder (no .hydra/config.yaml)")
+    cfg = OmegaConf.load(saved)
+    cfg.trainer.resume = True
+    results = run_training(cfg, run)
+    print(f"done: {results['metric']} {results['best_metric']:.4f} (step {results['best_step']}); run folder {run}")
+
+
 def train_main(argv: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
 
+    if argv[:1] == ["--resume"]:
+        resume_run(argv[1:])
+        return
     multirun = any(a in ("-m", "--multirun") for a in argv)
     if not multirun and not any(a.startswith("-") for a in argv):
         try:
@@ -87,6 +109,14 @@ def train_main(argv: list[str]) -> None:
                 return None
             _discard_failed_run(out)
             fail(str(exc))
+        except Exception as exc:  # noqa: BLE001 - in a sweep any crash fails only its own job
+            if not multirun:
+                raise
+            import traceback
+
+            print(f"ptune: job {out} failed: {_one_line(exc)}", file=sys.stderr)
+            (out / "FAILED").write_text(f"{type(exc).__name__}: {_one_line(exc)}\n\n{traceback.format_exc()}")
+            return None
         print(
             f"done: {results['metric']} {results['best_metric']:.4f} (step {results['best_step']}), "
             f"macro_f1 {results['metrics']['macro_f1']:.4f}; run folder {out}"
@@ -95,6 +125,16 @@ def train_main(argv: list[str]) -> None:
 
     sys.argv = ["ptune train", *argv]
     _run()
+    if multirun:
+        from .report import LAST_SWEEP
+
+        if LAST_SWEEP.get("failed"):
+            print(
+                f"ptune: {LAST_SWEEP['failed']} of {LAST_SWEEP['failed'] + LAST_SWEEP['finished']} jobs failed "
+                f"(see {LAST_SWEEP['dir']}/summary.md)",
+                file=sys.stderr,
+            )
+            raise SystemExit(1)
 
 
 def eval_main(argv: list[str]) -> None:
@@ -105,6 +145,8 @@ def eval_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     paths = [p for p in args.paths if "=" not in p]
     overrides = [p for p in args.paths if "=" in p]
+    # dataset.split=NAME picks the split to evaluate (not a key of the saved config, so add it)
+    overrides = [f"+{o}" if o.startswith("dataset.split=") else o for o in overrides]
     if not paths:
         fail("ptune eval needs at least one checkpoint path")
     from .inference import evaluate_checkpoint, print_eval_table
@@ -115,9 +157,33 @@ def eval_main(argv: list[str]) -> None:
     print_eval_table(rows)
 
 
+def _lazy(module: str, function: str):
+    """A subcommand whose module (and its heavy imports) loads only when it runs."""
+
+    def run(argv: list[str]) -> None:
+        import importlib
+
+        getattr(importlib.import_module(f"ptune.{module}"), function)(argv)
+
+    return run
+
+
 COMMANDS = {
     "train": (train_main, "train a prompt; Hydra overrides follow (`-m` for a multirun sweep)"),
     "eval": (eval_main, "evaluate checkpoints: PATH... [key=value overrides]"),
+    "show-template": (show_template_main, "print the exact tokens fed to the model: [--n N] [Hydra overrides]"),
+    "report": (
+        _lazy("report", "report_main"),
+        "summarise a sweep over seeds: DIR (table, summary.csv/.md/.png)",
+    ),
+    "predict": (
+        _lazy("predict", "predict_main"),
+        "predict with one or more checkpoints (mixed batches): PATH... --input F.jsonl | --text T [--output O]",
+    ),
+    "export": (
+        _lazy("export", "export_main"),
+        "export a checkpoint for other libraries: PATH --format peft --output DIR",
+    ),
 }
 
 

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .readout import ClsHead, VerbalizerReadout
+from .readout import ClsHead, VerbalizerReadout, full_sequence_scores
 from .template import SOFT_ID
 from .tuners import Tuner
 from .tuners import deep_attention as da
@@ -47,11 +47,20 @@ class PromptModel(nn.Module):
         self.backbone.eval()
         return self
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the soft vectors written into the SOFT_ID slots.
+
+        ``vectors``: the tuner's [N, H] by default; or per-row [B, N, H] (multi-prompt serving), where row b
+        fills its k_b soft slots with its first k_b vectors (rows of shorter prompts are padded).
+        """
         soft = input_ids == SOFT_ID
         embeds = self.embeddings(input_ids.masked_fill(soft, self.pad_id))
-        vectors = self.tuner.soft_vectors()
-        if vectors is not None:
+        if vectors is None:
+            vectors = self.tuner.soft_vectors()
+        if vectors is not None and vectors.dim() == 3:
+            keep = torch.arange(vectors.shape[1], device=soft.device)[None, :] < soft.sum(1, keepdim=True)
+            embeds = embeds.masked_scatter(soft.unsqueeze(-1), vectors.to(embeds.dtype)[keep])
+        elif vectors is not None:
             b = input_ids.shape[0]
             src = vectors.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1)
             embeds = embeds.masked_scatter(soft.unsqueeze(-1), src)
@@ -64,6 +73,8 @@ class PromptModel(nn.Module):
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         prefixes = self.tuner.deep_prefixes() if self.tuner.is_deep else None
         with da.prefixes(prefixes):
+            if isinstance(self.readout, VerbalizerReadout) and self.readout.verbalizer.multi_token == "full":
+                return full_sequence_scores(self, embeds, attention_mask, answer_pos)
             if self.family == "seq2seq":
                 start = self.backbone.config.decoder_start_token_id or 0
                 dec = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import calibration, resume
 from .batching import collate, train_batches
 from .build import Task, build_task, encode
 from .checkpoint import atomic_write_json, atomic_write_text, load_trainable_state, save_checkpoint
@@ -24,6 +25,7 @@ from .checkpoint import read_checkpoint as read_ckpt
 from .data import Split, k_shot, load_split
 from .errors import PtuneError
 from .evaluate import autocast, evaluate
+from .resume import LoopState
 
 
 @dataclass
@@ -47,6 +49,9 @@ class TrainerConfig:
     bucketed: bool = True
     log_every: int = 20
     metric: str = "accuracy"
+    tensorboard: bool = False  # log loss, lr and dev metrics under <run folder>/tensorboard
+    save_every: int = 100  # resumable state every N steps (0: never)
+    resume: bool = False  # continue from the run folder's resumable state, if any
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "eval_batch_size", "grad_accum", "eval_every", "log_every"):
@@ -57,6 +62,8 @@ class TrainerConfig:
             v = getattr(self, key)
             if not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
                 raise PtuneError(f"trainer.{key}={v!r} must be a number > 0")
+        if not isinstance(self.save_every, int) or self.save_every < 0:
+            raise PtuneError(f"trainer.save_every={self.save_every!r} must be an integer >= 0 (0: never)")
         if not 0 <= self.warmup_ratio < 1:
             raise PtuneError(f"trainer.warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
         if (
@@ -73,6 +80,8 @@ class TrainerConfig:
             "device": ("auto", "cpu", "cuda"),
             "precision": ("auto", "fp32", "bf16", "fp16"),
             "metric": ("accuracy", "macro_f1"),
+            "tensorboard": (True, False),
+            "resume": (True, False),
         }
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
@@ -232,6 +241,14 @@ class Reporter:
             self.progress.stop()
 
 
+def tensorboard_writer(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise PtuneError("trainer.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
 def run_training(cfg: DictConfig, out_dir: Path) -> dict:
     tr = trainer_config(cfg)
     seed_everything(tr.seed)
@@ -256,26 +273,29 @@ def run_training(cfg: DictConfig, out_dir: Path) -> dict:
     meta = checkpoint_meta(task, cfg)
     rng = random.Random(tr.seed)
     lengths = [len(x) for x in train_data.input_ids]
-    batches: list[list[int]] = []
-    history: list[dict] = []
-    best, best_step, bad_evals, ckpt_bytes = -1.0, 0, 0, 0
-    train_examples, train_time = 0, 0.0
+    loop = LoopState()
+    if tr.resume and resume.has_state(out_dir):
+        loop = resume.load_state(out_dir, model, opt, sched, scaler, rng)
     reporter = Reporter(tr.max_steps, enabled=True)
+    tb = tensorboard_writer(out_dir) if tr.tensorboard else None
     reporter.message(
         f"training {task.method.name} on {cfg.backbone.name} ({task.backbone.family}), "
         f"{trainable:,} trainable of {total:,} params; {len(train_data)} train / {len(dev_data)} eval examples; "
         f"device {device}, autocast {amp}"
     )
+    if loop.step:
+        reporter.message(f"resuming from step {loop.step}")
     model.train()
-    step = 0
+    history = loop.history
+    step = loop.step
     try:
-        while step < tr.max_steps:
+        while loop.step < tr.max_steps:
             t0 = time.perf_counter()
             loss_sum, n_ex = 0.0, 0
             for _ in range(tr.grad_accum):
-                if not batches:
-                    batches = train_batches(lengths, tr.batch_size, rng, tr.bucketed)
-                b = collate(train_data, batches.pop(), model.pad_id, task.left_pad)
+                if not loop.batches:
+                    loop.batches = train_batches(lengths, tr.batch_size, rng, tr.bucketed)
+                b = collate(train_data, loop.batches.pop(), model.pad_id, task.left_pad)
                 with autocast(device, amp):
                     logits = model(
                         b["input_ids"].to(device), b["attention_mask"].to(device), b["answer_pos"].to(device)
@@ -283,7 +303,7 @@ def run_training(cfg: DictConfig, out_dir: Path) -> dict:
                 loss = torch.nn.functional.cross_entropy(logits.float(), b["labels"].to(device))
                 if not torch.isfinite(loss):
                     raise PtuneError(
-                        f"loss became {loss.item()} at step {step + 1}: lower trainer.lr (now {tr.lr}); "
+                        f"loss became {loss.item()} at step {loop.step + 1}: lower trainer.lr (now {tr.lr}); "
                         "the last good checkpoint is kept"
                     )
                 scaler.scale(loss / tr.grad_accum).backward()
@@ -296,51 +316,69 @@ def run_training(cfg: DictConfig, out_dir: Path) -> dict:
             scaler.update()
             opt.zero_grad(set_to_none=True)
             sched.step()
-            step += 1
-            train_time += time.perf_counter() - t0
-            train_examples += n_ex
+            loop.step += 1
+            step = loop.step
+            loop.train_time += time.perf_counter() - t0
+            loop.train_examples += n_ex
             reporter.update(
                 step,
-                f"loss {loss_sum:.4f} lr {sched.get_last_lr()[0]:.2e} {train_examples / train_time:.1f} ex/s",
+                f"loss {loss_sum:.4f} lr {sched.get_last_lr()[0]:.2e} {loop.train_examples / loop.train_time:.1f} ex/s",
                 log=step % tr.log_every == 0,
             )
+            if tb is not None:
+                tb.add_scalar("train/loss", loss_sum, step)
+                tb.add_scalar("train/lr", sched.get_last_lr()[0], step)
             if step % tr.eval_every == 0 or step == tr.max_steps:
+                if cfg.template.get("calibrate"):  # before the eval that decides the save: both see this offset
+                    calibration.calibrate(task, device, amp)
                 res = evaluate(model, dev_data, tr.eval_batch_size, device, amp, task.left_pad, num_classes)
                 row = {"step": step, "loss": loss_sum, **res}
                 history.append(row)
+                if tb is not None:
+                    for key in ("accuracy", "macro_f1"):
+                        tb.add_scalar(f"dev/{key}", res[key], step)
                 atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
                 reporter.message(
                     f"eval step {step}: accuracy {res['accuracy']:.4f} macro_f1 {res['macro_f1']:.4f}"
                 )
-                if res[tr.metric] > best:
-                    best, best_step, bad_evals = res[tr.metric], step, 0
-                    ckpt_bytes = save_checkpoint(ckpt_dir, model, cfg, meta)
+                stop = False
+                if res[tr.metric] > loop.best:
+                    loop.best, loop.best_step, loop.bad_evals = res[tr.metric], step, 0
+                    loop.ckpt_bytes = save_checkpoint(ckpt_dir, model, cfg, meta)
                 else:
-                    bad_evals += 1
-                    if tr.early_stopping_patience and bad_evals >= tr.early_stopping_patience:
-                        reporter.message(
-                            f"early stopping at step {step}: no improvement in {bad_evals} evals"
-                        )
-                        break
+                    loop.bad_evals += 1
+                    stop = bool(tr.early_stopping_patience and loop.bad_evals >= tr.early_stopping_patience)
+                if cfg.template.get("calibrate"):
+                    calibration.reset(task)  # the prompt trains on raw scores; the next eval recalibrates
+                if stop:
+                    reporter.message(f"early stopping at step {step}: no improvement in {loop.bad_evals} evals")
+                    break
+            if tr.save_every and step % tr.save_every == 0 and step < tr.max_steps:
+                resume.save_state(out_dir, model, opt, sched, scaler, rng, loop)
     finally:
         reporter.close()
-    # Report the metrics of the saved checkpoint itself, exactly what `ptune eval` will reproduce.
-    _, _, state = read_ckpt(ckpt_dir)
-    load_trainable_state(model, state)
-    final = evaluate(model, dev_data, tr.eval_batch_size, device, amp, task.left_pad, num_classes)
+        if tb is not None:
+            tb.close()
+    best_row = max(history, key=lambda h: h[tr.metric])
+    final = best_row
+    if task.method.name in ("ptuning_v1", "prefix"):
+        # Their checkpoint holds the folded reparameterisation: report what `ptune eval` will reproduce.
+        _, _, state = read_ckpt(ckpt_dir)
+        load_trainable_state(model, state)
+        final = evaluate(model, dev_data, tr.eval_batch_size, device, amp, task.left_pad, num_classes)
     results = {
         "best_metric": final[tr.metric],
         "metric": tr.metric,
-        "best_step": best_step,
+        "best_step": loop.best_step,
         "metrics": {"accuracy": final["accuracy"], "macro_f1": final["macro_f1"]},
-        "steps": step,
+        "steps": loop.step,
         "trainable_params": trainable,
         "total_params": total,
-        "checkpoint_bytes": ckpt_bytes,
+        "checkpoint_bytes": loop.ckpt_bytes,
         "train_examples": len(train_data),
         "eval_examples": len(dev_data),
         "k_shot": cfg.dataset.get("k_shot"),
-        "train_examples_per_s": train_examples / max(train_time, 1e-9),
+        "train_examples_per_s": loop.train_examples / max(loop.train_time, 1e-9),
         "eval_examples_per_s": final["eval_examples_per_s"],
         "wall_s": time.perf_counter() - start,
         "device": str(device),
@@ -350,4 +388,5 @@ def run_training(cfg: DictConfig, out_dir: Path) -> dict:
         "dataset": str(cfg.dataset.name),
     }
     atomic_write_json(out_dir / "results.json", results)
+    resume.clear_state(out_dir)  # finished: a later resume=true has nothing left to redo
     return results

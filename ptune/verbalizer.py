@@ -10,7 +10,7 @@ import torch
 
 from .errors import PtuneError
 
-MultiToken = Literal["first", "mean"]
+MultiToken = Literal["first", "mean", "full"]
 
 
 @dataclass
@@ -18,7 +18,9 @@ class Verbalizer:
     """Token ids of every label word, padded into one [classes, words, tokens] index with masks.
 
     Class score = mean over its words of the word score; a multi-token word scores the first token's logit
-    ("first") or the mean of its tokens' logits at the answer slot ("mean").
+    ("first") or the mean of its tokens' logits at the answer slot ("mean"), or, for causal and seq2seq
+    backbones, the teacher-forced log-likelihood of all its tokens ("full", computed in
+    ``readout.full_sequence_scores``).
     """
 
     label_names: list[str]
@@ -47,9 +49,12 @@ class Verbalizer:
             tmask[..., 0] = self.token_mask[..., 0]
         gathered = logits[:, index.clamp(min=0)]  # [B, C, W, T]
         tm = tmask.to(logits.dtype)
-        word = (gathered * tm).sum(-1) / tm.sum(-1).clamp(min=1)
-        wm = self.word_mask.to(logits.device).to(logits.dtype)
-        return (word * wm).sum(-1) / wm.sum(-1).clamp(min=1)
+        return self.aggregate((gathered * tm).sum(-1) / tm.sum(-1).clamp(min=1))
+
+    def aggregate(self, word_scores: torch.Tensor) -> torch.Tensor:
+        """[B, C, W] word scores -> [B, C] class scores: the mean over each class's real words."""
+        wm = self.word_mask.to(word_scores.device).to(word_scores.dtype)
+        return (word_scores * wm).sum(-1) / wm.sum(-1).clamp(min=1)
 
 
 def build_verbalizer(
@@ -60,8 +65,8 @@ def build_verbalizer(
     multi_token: MultiToken = "first",
 ) -> Verbalizer:
     """Tokenise label words and check each is known and unambiguous for this tokenizer."""
-    if multi_token not in ("first", "mean"):
-        raise PtuneError(f"verbalizer multi_token={multi_token!r} is not valid: use first or mean")
+    if multi_token not in ("first", "mean", "full"):
+        raise PtuneError(f"verbalizer multi_token={multi_token!r} is not valid: use first, mean or full")
     if isinstance(label_words, Mapping):
         unknown = [k for k in label_words if k not in label_names]
         if unknown:
@@ -78,7 +83,7 @@ def build_verbalizer(
             raise PtuneError(
                 f"verbalizer has {len(per_class)} classes but the data set has {len(label_names)}: {list(label_names)}"
             )
-    words = [[w] if isinstance(w, str) else list(w) for w in per_class]
+    words = [list(w) if isinstance(w, list | tuple) else [w] for w in per_class]
     unk = getattr(tokenizer, "unk_token_id", None)
     ids: list[list[list[int]]] = []
     seen: dict[tuple[int, ...], str] = {}
@@ -87,7 +92,12 @@ def build_verbalizer(
             raise PtuneError(f"verbalizer class {cls!r} has no label words")
         cls_ids = []
         for w in ws:
-            if not isinstance(w, str) or not w.strip():
+            if not isinstance(w, str):  # YAML reads unquoted yes/no/on/off as booleans, 1 as a number
+                raise PtuneError(
+                    f"verbalizer class {cls!r} has label word {w!r}, which is not a string: quote it in the "
+                    "config (e.g. \"yes\", \"no\")"
+                )
+            if not w.strip():
                 raise PtuneError(f"verbalizer class {cls!r} has an empty label word")
             toks = list(tokenizer((" " + w) if leading_space else w, add_special_tokens=False)["input_ids"])
             if leading_space and len(toks) > 1 and _is_bare_space(tokenizer, toks[0]):

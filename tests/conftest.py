@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny randomly initialised backbones of every family, saved as local folders."""
+"""Shared fixtures: tiny randomly initialised backbones of every family, saved as local folders; tiny CSV data."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from .helpers import SENTENCES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -134,3 +136,14 @@ def data_root() -> Path:
     if not (SHARED_DATA / "sst2" / "dev.tsv").is_file():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text("text,label\n" + "".join(f'"{t}",{lab}\n' for t, lab in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def tiny_csv(tmp_path) -> dict[str, Path]:
+    rows = [(s, ["negative", "positive"][i % 2]) for i, s in enumerate(SENTENCES * 4)]
+    return {"train": write_csv(tmp_path / "train.csv", rows), "dev": write_csv(tmp_path / "dev.csv", rows[:12])}

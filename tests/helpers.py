@@ -53,6 +53,7 @@ def make_cfg(
     cfg = compose(overrides)
     OmegaConf.set_struct(cfg, False)
     cfg.backbone.name = str(model_dir)
+    cfg.backbone.dtype = "float32"
     cfg.backbone.max_length = 64
     if prompt_length is not None:
         cfg.method.prompt_length = prompt_length

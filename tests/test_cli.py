@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import SENTENCES
+from .conftest import write_csv
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -19,17 +19,6 @@ def ptune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "ptune", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600
     )
-
-
-def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
-    path.write_text("text,label\n" + "".join(f'"{t}",{lab}\n' for t, lab in rows), encoding="utf-8")
-    return path
-
-
-@pytest.fixture()
-def tiny_csv(tmp_path) -> dict[str, Path]:
-    rows = [(s, ["negative", "positive"][i % 2]) for i, s in enumerate(SENTENCES * 4)]
-    return {"train": write_csv(tmp_path / "train.csv", rows), "dev": write_csv(tmp_path / "dev.csv", rows[:12])}
 
 
 def csv_overrides(tiny_models, tiny_csv) -> list[str]:

@@ -28,6 +28,7 @@ IMPLEMENTATION = "ptune_sdpa"
 @dataclass
 class _State:
     prefixes: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per site: key, value [B, H, P, D]
+    prefix_mask: torch.Tensor | None = None  # [B, P] bool, False = padding slot of a row with a shorter prefix
     record: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # site -> (key, value) seen
     record_only: bool = False
     extra: dict = field(default_factory=dict)
@@ -45,12 +46,12 @@ def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
         if state.prefixes is not None:
             pk, pv = state.prefixes[site]
             key, value, attention_mask, kwargs = _extend(
-                module, query, key, value, pk, pv, attention_mask, kwargs
+                module, query, key, value, pk, pv, attention_mask, kwargs, state.prefix_mask
             )
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _extend(module, query, key, value, pk, pv, mask, kwargs):
+def _extend(module, query, key, value, pk, pv, mask, kwargs, keep=None):
     p = pk.shape[-2]
     b = key.shape[0]
     key = torch.cat([pk.to(key.dtype).expand(b, -1, -1, -1), key], dim=2)
@@ -62,7 +63,17 @@ def _extend(module, query, key, value, pk, pv, mask, kwargs):
         if causal and q_len > 1:
             rows = torch.arange(q_len, device=key.device)[:, None] + (k_len - q_len)
             mask = (rows >= torch.arange(k_len, device=key.device)[None, :]).view(1, 1, q_len, k_len)
-    if mask is not None:
+    if keep is not None:  # per-row prefix lengths: hide each row's padding slots
+        if mask is None:
+            mask = torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=key.device)
+        mask = mask.expand(b, mask.shape[1], q_len, k_len)
+        if mask.dtype == torch.bool:
+            left = keep.to(key.device)[:, None, None, :]
+        else:
+            left = torch.zeros(keep.shape, dtype=mask.dtype, device=key.device)
+            left = left.masked_fill(~keep.to(key.device), torch.finfo(mask.dtype).min)[:, None, None, :]
+        mask = torch.cat([left.expand(b, mask.shape[1], q_len, p), mask], dim=-1)
+    elif mask is not None:
         mask = F.pad(mask, (p, 0), value=True if mask.dtype == torch.bool else 0.0)
     bias = kwargs.get("position_bias")
     if bias is not None:
@@ -115,8 +126,12 @@ def enable(model: nn.Module) -> list[Site]:
 
 
 @contextlib.contextmanager
-def prefixes(per_site: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Iterator[None]:
-    token = _ACTIVE.set(_State(prefixes=per_site))
+def prefixes(
+    per_site: list[tuple[torch.Tensor, torch.Tensor]] | None, mask: torch.Tensor | None = None
+) -> Iterator[None]:
+    """``mask`` [B, P] (optional, bool): which prefix slots each row attends to, for rows whose prompts have
+    different prefix lengths padded to the longest."""
+    token = _ACTIVE.set(_State(prefixes=per_site, prefix_mask=mask))
     try:
         yield
     finally:

@@ -1,0 +1,145 @@
+"""Resumable training state: written every `trainer.save_every` steps, read back by `trainer.resume=true`.
+
+Everything needed to continue bit-for-bit on CPU: the raw (unfolded) trainable weights, optimizer and scheduler
+state, GradScaler state, the step, every RNG state and the data-order position (the rest of the current epoch's
+batch list plus the sampler's RNG). Tensors go to safetensors, the rest to JSON: no pickle is ever loaded.
+The folder is built aside and swapped in, so a kill leaves either the previous state or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import PtuneError
+
+STATE_DIR = "resume"
+
+
+@dataclass
+class LoopState:
+    """The training loop's own counters, saved with the tensors."""
+
+    step: int = 0
+    batches: list[list[int]] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+    best: float = -1.0
+    best_step: int = 0
+    bad_evals: int = 0
+    ckpt_bytes: int = 0
+    train_examples: int = 0
+    train_time: float = 0.0
+
+
+def _rng_json(rng: random.Random) -> dict[str, Any]:
+    version, internal, gauss = rng.getstate()
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "sampler": [version, list(internal), gauss],
+        "python": [py_version, list(py_internal), py_gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+
+
+def _restore_rng(data: dict[str, Any], rng: random.Random) -> None:
+    v, internal, gauss = data["sampler"]
+    rng.setstate((v, tuple(internal), gauss))
+    v, internal, gauss = data["python"]
+    random.setstate((v, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = data["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_state(out_dir: Path, model, opt, sched, scaler, rng: random.Random, loop: LoopState) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, module in (("tuner", model.tuner), ("readout", model.readout)):
+        for k, v in module.state_dict().items():
+            if v is not None:
+                tensors[f"model.{prefix}.{k}"] = v.detach().cpu().contiguous()
+    opt_state = opt.state_dict()
+    for pid, st in opt_state["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    meta = {
+        "loop": asdict(loop),
+        "optim_param_groups": opt_state["param_groups"],
+        "optim_scalars": {
+            str(pid): {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
+            for pid, st in opt_state["state"].items()
+        },
+        "scheduler": sched.state_dict() | {"lr_lambdas": None},
+        "scaler": scaler.state_dict(),
+        "rng": _rng_json(rng),
+    }
+    target = out_dir / STATE_DIR
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{STATE_DIR}."))
+    try:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
+        old = out_dir / f".{STATE_DIR}.old"
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def clear_state(out_dir: Path) -> None:
+    for name in (STATE_DIR, f".{STATE_DIR}.old"):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+
+
+def has_state(out_dir: Path) -> bool:
+    return (out_dir / STATE_DIR / "state.json").is_file() or (out_dir / f".{STATE_DIR}.old" / "state.json").is_file()
+
+
+def load_state(out_dir: Path, model, opt, sched, scaler, rng: random.Random) -> LoopState:
+    folder = out_dir / STATE_DIR
+    if not (folder / "state.json").is_file():  # killed between the two renames: the previous state is intact
+        folder = out_dir / f".{STATE_DIR}.old"
+    try:
+        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        tensors = load_file(str(folder / "state.safetensors"))
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise PtuneError(f"resume state in {str(folder)!r} is unreadable ({exc}); start a fresh run") from None
+    for prefix, module in (("tuner", model.tuner), ("readout", model.readout)):
+        sd = {k[len(f"model.{prefix}.") :]: v for k, v in tensors.items() if k.startswith(f"model.{prefix}.")}
+        module.load_state_dict(sd, strict=False)
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for pid, scalars in meta["optim_scalars"].items():
+        state.setdefault(int(pid), {}).update(scalars)
+    groups = [g | {"betas": tuple(g["betas"])} if "betas" in g else g for g in meta["optim_param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    sched_state = {k: v for k, v in meta["scheduler"].items() if k != "lr_lambdas"}
+    sched.__dict__.update(sched_state)
+    scaler.load_state_dict(meta["scaler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    _restore_rng(meta["rng"], rng)
+    return LoopState(**meta["loop"])

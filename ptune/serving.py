@@ -1,0 +1,294 @@
+"""Multi-prompt serving: several prompt checkpoints on one frozen backbone, mixed in one batch.
+
+The backbone is loaded once. Every request names the prompt it wants; a batch may mix prompts freely:
+
+* each row is rendered by its own checkpoint's template (so rows differ in template words and soft slots);
+* soft prompts: a per-row [B, N, H] table (shorter prompts padded) fills each row's soft slots
+  (``PromptModel.embed``);
+* deep prompts (P-tuning v2, prefix tuning): per-row key/value prefixes, padded to the longest prompt with the
+  padding slots masked out (``deep_attention.prefixes(..., mask)``);
+* readouts per row group: each checkpoint's verbalizer (or [CLS] head) reads its own rows.
+
+A batch of one prompt runs exactly the computation of that prompt's own ``PromptModel``; a mixed batch gives the
+same class scores up to float rounding (tests/test_serving.py checks 1e-5). Prompts read with
+``template.multi_token=full`` (teacher-forced label words) are run per prompt inside a mixed batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from . import build as build_module
+from .backbone import Backbone, load_backbone
+from .batching import Encoded, collate, eval_batches
+from .build import Task, build_task, readout_kind
+from .checkpoint import find_checkpoint, load_trainable_state, read_checkpoint
+from .errors import PtuneError
+from .evaluate import autocast
+from .inference import IDENTITY_KEYS, apply_overrides, check_same_backbone
+from .prompt_model import PromptModel
+from .readout import ClsHead, VerbalizerReadout
+from .train import pick_amp, pick_device, seed_everything, trainer_config
+from .tuners import deep_attention as da
+
+
+@dataclass
+class ServedPrompt:
+    name: str  # the path as given
+    checkpoint: Path
+    task: Task
+    cfg: DictConfig
+    meta: dict
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.task.label_names
+
+    @property
+    def fields(self) -> list[str]:
+        return self.task.renderer.template.fields
+
+    @property
+    def mixable(self) -> bool:
+        """False for readouts that need their own forward (multi_token=full scores whole label words)."""
+        readout = self.task.model.readout
+        return not (isinstance(readout, VerbalizerReadout) and readout.verbalizer.multi_token == "full")
+
+
+def _same_identity(a: dict, b: dict) -> str | None:
+    """The first identity key on which two backbone identities disagree, or None."""
+    for key in ("sha256", *IDENTITY_KEYS):
+        if key in a and key in b and a[key] != b[key]:
+            return key
+    return None
+
+
+@contextlib.contextmanager
+def _shared_backbone(backbone: Backbone) -> Iterator[None]:
+    """Make ``build_task`` reuse one loaded backbone instead of loading it once per checkpoint."""
+    original = build_module.load_backbone
+    build_module.load_backbone = lambda *args, **kwargs: backbone
+    try:
+        yield
+    finally:
+        build_module.load_backbone = original
+
+
+def load_prompts(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> tuple[list[ServedPrompt], Backbone]:
+    """Rebuild every checkpoint's prompt on one shared backbone; refuse checkpoints of another backbone."""
+    if not paths:
+        raise PtuneError("no checkpoint given: pass one or more run folders or checkpoint/ folders")
+    loaded = []
+    for p in paths:
+        ckpt = find_checkpoint(p)
+        cfg, meta, state = read_checkpoint(ckpt)
+        loaded.append((str(p), ckpt, apply_overrides(cfg, list(overrides)), meta, state))
+    first_name, first_ckpt, first_cfg, first_meta, _ = loaded[0]
+    ref = first_meta.get("backbone", {})
+    for name, _ckpt, cfg, meta, _ in loaded[1:]:
+        key = _same_identity(ref, meta.get("backbone", {}))
+        if key is not None:
+            raise PtuneError(
+                f"checkpoints {first_name!r} and {name!r} were trained on different backbones ({key} "
+                f"{ref.get(key)!r} vs {meta['backbone'].get(key)!r}): one batch can only mix prompts of the same "
+                "backbone; run them in separate calls"
+            )
+        if str(cfg.backbone.get("dtype", "float32")) != str(first_cfg.backbone.get("dtype", "float32")):
+            raise PtuneError(
+                f"checkpoints {first_name!r} and {name!r} use different backbone.dtype values: pass the same "
+                "backbone.dtype=... override for all of them"
+            )
+    need_lm_head = any(readout_kind(cfg.template) == "verbalizer" for _, _, cfg, _, _ in loaded)
+    backbone = load_backbone(
+        str(first_cfg.backbone.name),
+        with_lm_head=need_lm_head,
+        dtype=str(first_cfg.backbone.get("dtype", "float32")),
+    )
+    prompts = []
+    with _shared_backbone(backbone):
+        for name, ckpt, cfg, meta, state in loaded:
+            check_same_backbone(meta.get("backbone", {}), backbone.identity, ckpt)
+            seed = trainer_config(cfg).seed
+            seed_everything(seed)
+            task = build_task(cfg, list(meta["label_names"]), seed)
+            load_trainable_state(task.model, state)
+            task.model.eval()
+            prompts.append(ServedPrompt(name, ckpt, task, cfg, meta))
+    return prompts, backbone
+
+
+class PromptServer:
+    """Serve several prompts of one backbone; ``scores(requests)`` runs them in mixed batches."""
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        overrides: Sequence[str] = (),
+        device: str | None = None,
+        precision: str | None = None,
+    ):
+        self.prompts, self.backbone = load_prompts(paths, overrides)
+        tr = trainer_config(self.prompts[0].cfg)
+        self.device = pick_device(device or tr.device)
+        self.amp = pick_amp(precision or tr.precision, self.device)
+        self.base: PromptModel = self.prompts[0].task.model
+        self.left_pad = self.prompts[0].task.left_pad
+        self.pad_id = self.base.pad_id
+        for p in self.prompts:
+            p.task.model.to(self.device).eval()
+        self._build_tables()
+
+    # ------------------------------------------------------------------ per-prompt tensors, padded and stacked
+    def _build_tables(self) -> None:
+        hidden = self.base.embeddings.embedding_dim
+        with torch.no_grad():
+            vectors = [p.task.model.tuner.soft_vectors() for p in self.prompts]
+            deep = [p.task.model.tuner.deep_prefixes() if p.task.model.tuner.is_deep else None for p in self.prompts]
+        n_max = max((v.shape[0] for v in vectors if v is not None), default=0)
+        self.soft = torch.zeros(len(self.prompts), n_max, hidden, device=self.device)
+        for i, v in enumerate(vectors):
+            if v is not None:
+                self.soft[i, : v.shape[0]] = v.detach().float()
+        self.prefix_len = [d[0][0].shape[-2] if d else 0 for d in deep]
+        self.deep: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.keep: torch.Tensor | None = None
+        if any(d is not None for d in deep):
+            p_max = max(self.prefix_len)
+            template = next(d for d in deep if d is not None)
+            self.deep = []
+            for site, (k0, _) in enumerate(template):
+                shape = (len(self.prompts), k0.shape[1], p_max, k0.shape[3])
+                ks, vs = torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device)
+                for i, d in enumerate(deep):
+                    if d is not None:
+                        ks[i, :, : self.prefix_len[i]] = d[site][0][0].float()
+                        vs[i, :, : self.prefix_len[i]] = d[site][1][0].float()
+                self.deep.append((ks, vs))
+            self.keep = (
+                torch.arange(p_max, device=self.device)[None, :]
+                < torch.tensor(self.prefix_len, device=self.device)[:, None]
+            )
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, requests: Sequence[tuple[int, dict[str, str]]]) -> Encoded:
+        """Render each (prompt index, example) with that prompt's own template."""
+        ids, answers = [], []
+        for i, example in requests:
+            r = self.prompts[i].task.renderer.render(example)
+            ids.append(r.input_ids)
+            answers.append(r.answer_pos)
+        return Encoded(ids, answers, [i for i, _ in requests])  # "labels" carry the prompt index
+
+    # ------------------------------------------------------------------ the mixed forward
+    def forward(
+        self, prompt_idx: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_pos: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Class scores for every row ([classes of that row's prompt]); rows may use different prompts."""
+        dev = self.device
+        prompt_idx, input_ids = prompt_idx.to(dev), input_ids.to(dev)
+        attention_mask, answer_pos = attention_mask.to(dev), answer_pos.to(dev)
+        used = sorted(set(prompt_idx.tolist()))
+        out: list[torch.Tensor | None] = [None] * len(prompt_idx)
+        mixable = [i for i in used if self.prompts[i].mixable]
+        for i in used:
+            if i not in mixable:  # own forward for the rows of this prompt
+                rows = (prompt_idx == i).nonzero().squeeze(1)
+                scores = self.prompts[i].task.model(input_ids[rows], attention_mask[rows], answer_pos[rows])
+                for r, s in zip(rows.tolist(), scores, strict=True):
+                    out[r] = s
+        if mixable:
+            rows = torch.isin(prompt_idx, torch.tensor(mixable, device=dev)).nonzero().squeeze(1)
+            if len(rows) == len(prompt_idx):
+                rows = None  # the whole batch (no copy)
+            sel = (lambda t: t) if rows is None else (lambda t: t[rows])
+            groups = self._mixed(sel(prompt_idx), sel(input_ids), sel(attention_mask), sel(answer_pos))
+            index = torch.arange(len(prompt_idx), device=dev) if rows is None else rows
+            for local, scores in groups:
+                for r, s in zip(index[local].tolist(), scores, strict=True):
+                    out[r] = s
+        return out  # type: ignore[return-value]
+
+    def _mixed(self, pidx, input_ids, attention_mask, answer_pos) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        base = self.base
+        single = len(set(pidx.tolist())) == 1
+        first = int(pidx[0])
+        if single:  # batch dim 1, broadcast: exactly the single-prompt computation
+            vectors = self.soft[first : first + 1].expand(len(pidx), -1, -1)
+        else:
+            vectors = self.soft[pidx]
+        embeds = base.embed(input_ids, vectors)
+        kwargs = {}
+        if base._takes_positions:
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        prefixes, keep = None, None
+        lengths = {self.prefix_len[i] for i in set(pidx.tolist())}
+        if self.deep is not None and lengths != {0}:
+            if single:
+                p = self.prefix_len[first]
+                prefixes = [(k[first : first + 1, :, :p], v[first : first + 1, :, :p]) for k, v in self.deep]
+            else:
+                p = max(lengths)
+                prefixes = [(k[pidx, :, :p], v[pidx, :, :p]) for k, v in self.deep]
+                if len(lengths) > 1:
+                    keep = self.keep[pidx, :p]
+        with da.prefixes(prefixes, keep):
+            if base.family == "seq2seq":
+                start = base.backbone.config.decoder_start_token_id or 0
+                dec = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device)
+                out = base.backbone(inputs_embeds=embeds, attention_mask=attention_mask, decoder_input_ids=dec)
+                hidden, vocab = None, out.logits[:, 0]
+            else:
+                hidden = base._body(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
+                vocab = None
+        groups = []
+        for i in sorted(set(pidx.tolist())):
+            rows = (pidx == i).nonzero().squeeze(1)
+            model = self.prompts[i].task.model
+            if vocab is not None:
+                scores = model.readout(vocab[rows])
+            else:
+                scores = _read(model, hidden[rows], attention_mask[rows], answer_pos[rows])
+            groups.append((rows, scores))
+        return groups
+
+    # ------------------------------------------------------------------ batched scoring
+    def scores(self, requests: Sequence[tuple[int, dict[str, str]]], batch_size: int = 32) -> list[torch.Tensor]:
+        """Class scores for every request, in request order; batches mix prompts and are sorted by length."""
+        return self.score_encoded(self.encode(requests), batch_size)
+
+    def score_encoded(self, data: Encoded, batch_size: int = 32) -> list[torch.Tensor]:
+        """``scores`` for already rendered requests (``encode``)."""
+        out: list[torch.Tensor | None] = [None] * len(data)
+        lengths = [len(x) for x in data.input_ids]
+        with torch.inference_mode(), autocast(self.device, self.amp):
+            for idx in eval_batches(lengths, batch_size):
+                b = collate(data, idx, self.pad_id, self.left_pad)
+                rows = self.forward(b["labels"], b["input_ids"], b["attention_mask"], b["answer_pos"])
+                for j, s in zip(idx, rows, strict=True):
+                    out[j] = s.float().cpu()
+        return out  # type: ignore[return-value]
+
+
+def _read(model: PromptModel, hidden: torch.Tensor, attention_mask: torch.Tensor, answer_pos: torch.Tensor):
+    """The readout half of ``PromptModel.forward`` for one prompt's rows (encoder / causal families)."""
+    if isinstance(model.readout, ClsHead):
+        return model.readout(hidden, attention_mask)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    h = hidden[rows, answer_pos]
+    if model.family == "causal":
+        head = model.backbone.get_output_embeddings()
+        ids = model.readout.verbalizer.flat_ids.to(h.device)
+        bias = head.bias[ids] if getattr(head, "bias", None) is not None else None
+        logits = torch.nn.functional.linear(h, head.weight[ids], bias)
+        if model._softcap:
+            logits = torch.tanh(logits / model._softcap) * model._softcap
+        return model.readout(logits, ids)
+    if model._lm_head is None:
+        raise PtuneError("no MLM head found on this backbone")
+    return model.readout(model._lm_head(h))

@@ -1,0 +1,87 @@
+"""Kill a training process with SIGKILL at random points, resume it, and get the uninterrupted result."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from safetensors.torch import load_file
+
+from .test_cli import ENV, csv_overrides, ptune
+
+STEPS = 12
+
+
+def _args(tiny_models, tiny_csv_paths, run: Path) -> list[str]:
+    skip = ("trainer.max_steps", "trainer.eval")
+    base = [a for a in csv_overrides(tiny_models, tiny_csv_paths) if not a.startswith(skip)]
+    return [
+        *base, f"trainer.max_steps={STEPS}", "trainer.eval_every=4", "trainer.save_every=1", "trainer.log_every=1",
+        "method.dropout=0.1", f"hydra.run.dir={run}",
+    ]
+
+
+def _check_files_parse(run: Path) -> None:
+    for path in run.rglob("*"):
+        if not path.is_file() or path.name.startswith(".") and path.suffix == ".tmp":
+            continue
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".jsonl":
+            for line in path.read_text().splitlines():
+                json.loads(line)
+        elif path.suffix == ".yaml":
+            yaml.safe_load(path.read_text())
+        elif path.suffix == ".safetensors":
+            load_file(str(path))
+
+
+def _kill_at_step(args: list[str], cwd: Path, step: int) -> bool:
+    """Start training, SIGKILL it once it reports ``step``; False if it finished first."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ptune", "train", *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith(f"step {step}:"):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+    proc.wait()
+    return False
+
+
+def test_sigkill_and_resume_reproduces_uninterrupted_run(tiny_models, tiny_csv, tmp_path):
+    straight = tmp_path / "straight"
+    res = ptune("train", *_args(tiny_models, tiny_csv, straight), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    interrupted = tmp_path / "interrupted"
+    rng = random.Random(1234)
+    kills = sorted(rng.sample(range(1, STEPS), 3))
+    args = _args(tiny_models, tiny_csv, interrupted)
+    assert _kill_at_step(args, tmp_path, kills[0])
+    _check_files_parse(interrupted)
+    for step in kills[1:]:
+        assert _kill_at_step([*args, "trainer.resume=true"], tmp_path, step)
+        _check_files_parse(interrupted)
+    res = ptune("train", "--resume", str(interrupted), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "resuming from step" in res.stdout
+    _check_files_parse(interrupted)
+    a = load_file(str(straight / "checkpoint" / "prompt.safetensors"))
+    b = load_file(str(interrupted / "checkpoint" / "prompt.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] == b[key]).all(), key
+    metrics = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    resumed = [json.loads(x) for x in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["loss"], m["accuracy"]) for m in metrics] == [
+        (m["step"], m["loss"], m["accuracy"]) for m in resumed
+    ]
+    assert not (interrupted / "resume").exists(), "a finished run keeps no resumable state"
