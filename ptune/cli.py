@@ -107,7 +107,8 @@ def train_main(argv: list[str]) -> None:
                 print(f"ptune: job {out} failed: {exc}", file=sys.stderr)
                 (out / "FAILED").write_text(str(exc) + "\n")
                 return None
-            _discard_failed_run(out)
+            if os.environ.get("RANK", "0") == "0":
+                _discard_failed_run(out)
             fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - in a sweep any crash fails only its own job
             if not multirun:
@@ -117,14 +118,19 @@ def train_main(argv: list[str]) -> None:
             print(f"ptune: job {out} failed: {_one_line(exc)}", file=sys.stderr)
             (out / "FAILED").write_text(f"{type(exc).__name__}: {_one_line(exc)}\n\n{traceback.format_exc()}")
             return None
-        print(
-            f"done: {results['metric']} {results['best_metric']:.4f} (step {results['best_step']}), "
-            f"macro_f1 {results['metrics']['macro_f1']:.4f}; run folder {out}"
-        )
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                f"done: {results['metric']} {results['best_metric']:.4f} (step {results['best_step']}), "
+                f"macro_f1 {results['metrics']['macro_f1']:.4f}; run folder {out}"
+            )
         return results["best_metric"]
 
+    from . import distributed
+
+    argv = distributed.hydra_overrides(argv)  # under torchrun: one shared run folder, rank 0 writes
     sys.argv = ["ptune train", *argv]
     _run()
+    distributed.cleanup()
     if multirun:
         from .report import LAST_SWEEP
 

@@ -266,7 +266,7 @@ def export_peft(path: str | Path, output: str | Path, overrides: list[str] | Non
         prefix = state["deep_prefix"].float()  # [sites, 2, heads, P, head_dim]
         if model.family != "causal":
             raise PtuneError(
-                f"deep prompts of a {model.family} backbone cannot be exported to PEFT: PEFT prefix tuning shifts the "
+                f"deep prompts on an {model.family} backbone cannot be exported to PEFT: PEFT prefix tuning shifts the "
                 "input positions behind its cached prefix (and for encoder-decoders routes the prefix differently); "
                 "only causal LMs with rotary positions (Llama, Gemma, ...) are supported"
             )

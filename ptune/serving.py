@@ -246,16 +246,31 @@ class PromptServer:
             else:
                 hidden = base._body(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
                 vocab = None
+        used = sorted(set(pidx.tolist()))
+        mlm = [i for i in used if hidden is not None and base.family == "encoder" and self._verbalized(i)]
+        if mlm:  # one MLM-head call for every verbalizer row: its [vocab, H] weight is read once per batch
+            mlm_rows = torch.isin(pidx, torch.tensor(mlm, device=pidx.device)).nonzero().squeeze(1)
+            head = self.prompts[mlm[0]].task.model._lm_head
+            if head is None:
+                raise PtuneError("no MLM head found on this backbone")
+            vocab = head(hidden[mlm_rows, answer_pos[mlm_rows]])
+            where = torch.full((len(pidx),), -1, dtype=torch.long, device=pidx.device)
+            where[mlm_rows] = torch.arange(len(mlm_rows), device=pidx.device)
         groups = []
-        for i in sorted(set(pidx.tolist())):
+        for i in used:
             rows = (pidx == i).nonzero().squeeze(1)
             model = self.prompts[i].task.model
-            if vocab is not None:
+            if base.family == "seq2seq":
                 scores = model.readout(vocab[rows])
+            elif i in mlm:
+                scores = model.readout(vocab[where[rows]])
             else:
                 scores = _read(model, hidden[rows], attention_mask[rows], answer_pos[rows])
             groups.append((rows, scores))
         return groups
+
+    def _verbalized(self, i: int) -> bool:
+        return isinstance(self.prompts[i].task.model.readout, VerbalizerReadout)
 
     # ------------------------------------------------------------------ batched scoring
     def scores(self, requests: Sequence[tuple[int, dict[str, str]]], batch_size: int = 32) -> list[torch.Tensor]:

@@ -4,6 +4,7 @@ early stopping. CUDA with autocast when present; on CPU, bf16 autocast where the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import calibration, resume
+from . import calibration, distributed, resume
 from .batching import collate, train_batches
 from .build import Task, build_task, encode
 from .checkpoint import atomic_write_json, atomic_write_text, load_trainable_state, save_checkpoint
@@ -52,6 +53,9 @@ class TrainerConfig:
     tensorboard: bool = False  # log loss, lr and dev metrics under <run folder>/tensorboard
     save_every: int = 100  # resumable state every N steps (0: never)
     resume: bool = False  # continue from the run folder's resumable state, if any
+    compile: bool = False  # torch.compile the backbone body (dynamic shapes); pays off on long runs only
+    cast_frozen_weights: bool = True  # under bf16/fp16 autocast, keep frozen Linear weights in that dtype
+    attention_kernel: str = "auto"  # SDPA kernel for training steps: auto | default | math
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "eval_batch_size", "grad_accum", "eval_every", "log_every"):
@@ -82,6 +86,9 @@ class TrainerConfig:
             "metric": ("accuracy", "macro_f1"),
             "tensorboard": (True, False),
             "resume": (True, False),
+            "compile": (True, False),
+            "cast_frozen_weights": (True, False),
+            "attention_kernel": ("auto", "default", "math"),
         }
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
@@ -133,6 +140,85 @@ def pick_amp(precision: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask: a container or taskset may allow fewer than exist)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def configure_threads(requested: int, local_world_size: int = 1) -> int:
+    """Intra-op threads: ``trainer.num_threads``, else every allowed core shared among the ranks on this machine.
+
+    One inter-op thread: the loop runs no independent ops side by side, and a pool per rank would only
+    oversubscribe the cores. PyTorch allows setting it once, before any inter-op work, so later calls keep it.
+    """
+    n = requested or max(1, cpu_cores() // max(1, local_world_size))
+    torch.set_num_threads(n)
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+    return n
+
+
+def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store frozen ``nn.Linear`` weights in the autocast dtype once; returns how many tensors were cast.
+
+    Autocast caches its casts only for leaves that require grad, so every frozen weight is otherwise converted
+    again in every forward (and in every evaluation batch). Autocast runs linear layers in ``dtype`` on both
+    inputs anyway, so the numbers are the same. Weights shared with another module (an LM head tied to the
+    embedding table, whose lookup autocast leaves in fp32) are left alone.
+
+    Loaded weights are views of the memory-mapped safetensors file, which stays mapped (and resident) while any
+    of them lives; the other frozen tensors are copied out of it so the fp32 originals are really released.
+    """
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    cast: set[int] = set()
+    for m in model.modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        for p in m.parameters(recurse=False):
+            if not p.requires_grad and p.dtype == torch.float32 and owners[id(p)] == 1:
+                p.data = p.data.to(dtype)
+                cast.add(id(p))
+    if cast:
+        with torch.no_grad():
+            for p in model.parameters():
+                if id(p) not in cast and not p.requires_grad:
+                    p.data = p.data.clone()
+            for m in model.modules():
+                for name, b in m._buffers.items():
+                    if b is not None:
+                        m._buffers[name] = b.clone()
+    return len(cast)
+
+
+MATH_ATTENTION_MAX_LEN = 256
+
+
+def attention_kernel(kind: str, device: torch.device, amp: torch.dtype | None, width: int):
+    """The SDPA kernel for one training forward. ``auto``: the math kernel for bf16/fp16 on CPU up to
+    MATH_ATTENTION_MAX_LEN tokens (PyTorch's CPU flash kernel computes its bf16 backward 3-5x slower than the math
+    path on short sequences; the math path keeps the full attention matrix, hence the length cap)."""
+    if kind == "auto":
+        short = width <= MATH_ATTENTION_MAX_LEN
+        kind = "math" if device.type == "cpu" and amp is not None and short else "default"
+    if kind == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def compile_backbone(model) -> None:
+    """torch.compile (in place, so state-dict names stay) the part of the backbone the forward calls."""
+    target = model.backbone if model.family == "seq2seq" else model._body
+    target.compile(dynamic=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -241,6 +327,19 @@ class Reporter:
             self.progress.stop()
 
 
+class SilentReporter(Reporter):
+    """Ranks other than 0 of a distributed run: rank 0 reports for all."""
+
+    def __init__(self) -> None:
+        self.live, self.progress = False, None
+
+    def update(self, step: int, info: str, log: bool) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+
 def tensorboard_writer(out_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -251,9 +350,13 @@ def tensorboard_writer(out_dir: Path):
 
 def run_training(cfg: DictConfig, out_dir: Path) -> dict:
     tr = trainer_config(cfg)
+    d = distributed.init()  # a single process unless torchrun set WORLD_SIZE > 1
     seed_everything(tr.seed)
-    torch.set_num_threads(tr.num_threads or os.cpu_count() or 1)
+    configure_threads(tr.num_threads, d.local_world_size)
     device = pick_device(tr.device)
+    if d.enabled and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
     amp = pick_amp(tr.precision, device)
     start = time.perf_counter()
     train_split, dev_split = load_data(cfg, tr.seed)
@@ -268,6 +371,12 @@ def run_training(cfg: DictConfig, out_dir: Path) -> dict:
     params = [p for g in opt.param_groups for p in g["params"]]
     trainable = sum(p.numel() for p in params)
     total = trainable + sum(p.numel() for p in task.backbone.model.parameters())
+    if d.enabled:
+        distributed.broadcast_params(params)
+    if amp is not None and tr.cast_frozen_weights:
+        cast_frozen_linears(task.backbone.model, amp)
+    if tr.compile:
+        compile_backbone(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoint"
     meta = checkpoint_meta(task, cfg)
@@ -276,12 +385,12 @@ def run_training(cfg: DictConfig, out_dir: Path) -> dict:
     loop = LoopState()
     if tr.resume and resume.has_state(out_dir):
         loop = resume.load_state(out_dir, model, opt, sched, scaler, rng)
-    reporter = Reporter(tr.max_steps, enabled=True)
-    tb = tensorboard_writer(out_dir) if tr.tensorboard else None
+    reporter = Reporter(tr.max_steps, enabled=True) if d.is_main else SilentReporter()
+    tb = tensorboard_writer(out_dir) if tr.tensorboard and d.is_main else None
     reporter.message(
         f"training {task.method.name} on {cfg.backbone.name} ({task.backbone.family}), "
         f"{trainable:,} trainable of {total:,} params; {len(train_data)} train / {len(dev_data)} eval examples; "
-        f"device {device}, autocast {amp}"
+        f"device {device}, autocast {amp}" + (f", {d.world_size} ranks" if d.enabled else "")
     )
     if loop.step:
         reporter.message(f"resuming from step {loop.step}")
@@ -295,20 +404,35 @@ def run_training(cfg: DictConfig, out_dir: Path) -> dict:
             for _ in range(tr.grad_accum):
                 if not loop.batches:
                     loop.batches = train_batches(lengths, tr.batch_size, rng, tr.bucketed)
-                b = collate(train_data, loop.batches.pop(), model.pad_id, task.left_pad)
-                with autocast(device, amp):
+                idx = loop.batches.pop()
+                n_ex += len(idx)
+                share = 1.0
+                if d.enabled:  # this rank's slice of the global batch, weighted by its share of the examples
+                    local = distributed.shard(idx, d.rank, d.world_size)
+                    share, idx = len(local) / len(idx), local
+                    if not idx:
+                        continue
+                b = collate(train_data, idx, model.pad_id, task.left_pad)
+                kernel = attention_kernel(tr.attention_kernel, device, amp, b["input_ids"].shape[1])
+                with autocast(device, amp), kernel:
                     logits = model(
                         b["input_ids"].to(device), b["attention_mask"].to(device), b["answer_pos"].to(device)
                     )
                 loss = torch.nn.functional.cross_entropy(logits.float(), b["labels"].to(device))
-                if not torch.isfinite(loss):
+                if not d.enabled and not torch.isfinite(loss):
                     raise PtuneError(
                         f"loss became {loss.item()} at step {loop.step + 1}: lower trainer.lr (now {tr.lr}); "
                         "the last good checkpoint is kept"
                     )
-                scaler.scale(loss / tr.grad_accum).backward()
-                loss_sum += loss.item() / tr.grad_accum
-                n_ex += len(b["labels"])
+                scaler.scale(loss / tr.grad_accum if share == 1.0 else loss * share / tr.grad_accum).backward()
+                loss_sum += loss.item() * share / tr.grad_accum
+            if d.enabled:
+                loss_sum = distributed.all_reduce_grads(params, loss_sum)
+                if not math.isfinite(loss_sum):
+                    raise PtuneError(
+                        f"loss became {loss_sum} at step {loop.step + 1}: lower trainer.lr (now {tr.lr}); "
+                        "the last good checkpoint is kept"
+                    )
             if tr.grad_clip > 0:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, tr.grad_clip)
@@ -328,7 +452,10 @@ def run_training(cfg: DictConfig, out_dir: Path) -> dict:
             if tb is not None:
                 tb.add_scalar("train/loss", loss_sum, step)
                 tb.add_scalar("train/lr", sched.get_last_lr()[0], step)
-            if step % tr.eval_every == 0 or step == tr.max_steps:
+            if (step % tr.eval_every == 0 or step == tr.max_steps) and not d.is_main:
+                if distributed.broadcast_flag(False, device):  # rank 0 evaluates and decides
+                    break
+            elif step % tr.eval_every == 0 or step == tr.max_steps:
                 if cfg.template.get("calibrate"):  # before the eval that decides the save: both see this offset
                     calibration.calibrate(task, device, amp)
                 res = evaluate(model, dev_data, tr.eval_batch_size, device, amp, task.left_pad, num_classes)
@@ -350,15 +477,19 @@ def run_training(cfg: DictConfig, out_dir: Path) -> dict:
                     stop = bool(tr.early_stopping_patience and loop.bad_evals >= tr.early_stopping_patience)
                 if cfg.template.get("calibrate"):
                     calibration.reset(task)  # the prompt trains on raw scores; the next eval recalibrates
+                if d.enabled:
+                    distributed.broadcast_flag(stop, device)
                 if stop:
                     reporter.message(f"early stopping at step {step}: no improvement in {loop.bad_evals} evals")
                     break
-            if tr.save_every and step % tr.save_every == 0 and step < tr.max_steps:
+            if tr.save_every and step % tr.save_every == 0 and step < tr.max_steps and d.is_main:
                 resume.save_state(out_dir, model, opt, sched, scaler, rng, loop)
     finally:
         reporter.close()
         if tb is not None:
             tb.close()
+    if not d.is_main:
+        return distributed.broadcast_object(None)  # rank 0's results
     best_row = max(history, key=lambda h: h[tr.metric])
     final = best_row
     if task.method.name in ("ptuning_v1", "prefix"):
@@ -387,6 +518,10 @@ def run_training(cfg: DictConfig, out_dir: Path) -> dict:
         "backbone": str(cfg.backbone.name),
         "dataset": str(cfg.dataset.name),
     }
+    if d.enabled:
+        results["world_size"] = d.world_size
     atomic_write_json(out_dir / "results.json", results)
     resume.clear_state(out_dir)  # finished: a later resume=true has nothing left to redo
+    if d.enabled:
+        distributed.broadcast_object(results)
     return results

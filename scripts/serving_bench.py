@@ -126,8 +126,7 @@ def main() -> None:
     ref = sequential()
     got = mixed()
     diff = max(
-        float((s - ref[i][sentences.index(ex["text_a"])]).abs().max())
-        for (i, ex), s in zip(requests, got, strict=True)
+        float((s - ref[i][sentences.index(ex["text_a"])]).abs().max()) for (i, ex), s in zip(requests, got, strict=True)
     )
     (t_seq, m_seq), (t_mix, m_mix) = timed([sequential, mixed], args.repeats)
     total = k * n

@@ -12,7 +12,7 @@ import pytest
 from ptune.errors import PtuneError
 from ptune.report import summarise, write_report
 
-from .test_cli import csv_overrides, ptune, tiny_csv  # noqa: F401 - fixture
+from .test_cli import csv_overrides, ptune
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -25,10 +25,15 @@ def job_overrides(job: Path) -> dict[str, str]:
     return dict(x.lstrip("- ").split("=", 1) for x in items if "=" in x)
 
 
-def test_multirun_sweep_writes_report(tiny_models, tiny_csv, tmp_path):  # noqa: F811
+def test_multirun_sweep_writes_report(tiny_models, tiny_csv, tmp_path):
     args = [o for o in csv_overrides(tiny_models, tiny_csv) if not o.startswith("method.prompt_length")]
     res = ptune(
-        "train", "-m", *args, "method.prompt_length=2,4,-1", "trainer.seed=0,1", "trainer.tensorboard=true",
+        "train",
+        "-m",
+        *args,
+        "method.prompt_length=2,4,-1",
+        "trainer.seed=0,1",
+        "trainer.tensorboard=true",
         cwd=tmp_path,
     )
     # Jobs with prompt_length=-1 fail; the others finish and the sweep still writes its report.
@@ -85,9 +90,16 @@ def fake_run(folder: Path, overrides: list[str], **results) -> None:
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     base = {
-        "best_metric": 0.5, "metric": "accuracy", "best_step": 10, "metrics": {"accuracy": 0.5, "macro_f1": 0.4},
-        "trainable_params": 100, "train_examples_per_s": 10.0, "eval_examples_per_s": 20.0,
-        "method": "soft_prompt", "backbone": "minilm", "dataset": "sst2",
+        "best_metric": 0.5,
+        "metric": "accuracy",
+        "best_step": 10,
+        "metrics": {"accuracy": 0.5, "macro_f1": 0.4},
+        "trainable_params": 100,
+        "train_examples_per_s": 10.0,
+        "eval_examples_per_s": 20.0,
+        "method": "soft_prompt",
+        "backbone": "minilm",
+        "dataset": "sst2",
     }
     (folder / "results.json").write_text(json.dumps({**base, **results}))
 
@@ -111,7 +123,10 @@ def test_report_groups_methods_and_numeric_values(tmp_path):
     keys, rows, failed = summarise(tmp_path)
     assert keys == ["experiment", "method.prompt_length", "method"]
     assert [(r["experiment"], r["method.prompt_length"]) for r in rows] == [
-        ("sst2_a", 2), ("sst2_a", 10), ("sst2_b", 2), ("sst2_b", 10)
+        ("sst2_a", 2),
+        ("sst2_a", 10),
+        ("sst2_b", 2),
+        ("sst2_b", 10),
     ]  # numeric order, not string order
     r = rows[1]
     assert r["mean"] == pytest.approx(0.65) and r["std"] == pytest.approx(statistics.stdev([0.6, 0.7]))

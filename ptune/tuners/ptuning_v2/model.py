@@ -40,4 +40,11 @@ class PTuningV2(Tuner):
 
 
 def split_sites(prefix: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(prefix[i, 0].unsqueeze(0), prefix[i, 1].unsqueeze(0)) for i in range(prefix.shape[0])]
+    """[sites, 2, heads, length, dim] -> per site (key, value) [1, heads, length, dim].
+
+    Under autocast the whole prefix is cast once here (not once per site and layer), and ``unbind`` views
+    backpropagate as one stack rather than one full-size zero gradient per indexed site."""
+    device = prefix.device.type
+    if torch.is_autocast_enabled(device):
+        prefix = prefix.to(torch.get_autocast_dtype(device))
+    return [(k, v) for k, v in (site.unbind(0) for site in prefix.unsqueeze(2).unbind(0))]

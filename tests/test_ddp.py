@@ -1,0 +1,74 @@
+"""Data-parallel training under torchrun (CPU, gloo, 2 ranks) matches one process over the same global batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ptune.distributed import shard
+
+from .test_cli import ENV, csv_overrides, ptune
+
+# Global batch 5 on 2 ranks: shards of 3 + 2; the epoch's last batch (24 rows) is 4: 2 + 2. Head and deep prompt
+# both train; no dropout anywhere, fp32, so the two runs differ only by float summation order.
+DDP_OVERRIDES = [
+    "template=sst2_head",
+    "template.head_dropout=0.0",
+    "trainer.batch_size=5",
+    "trainer.max_steps=6",
+    "trainer.eval_every=6",
+    "trainer.save_every=0",
+    "trainer.precision=fp32",
+    "trainer.lr=0.05",
+    "trainer.head_lr=0.05",
+]
+
+
+def test_shard_splits_contiguously_and_unevenly():
+    batch = list(range(10, 15))
+    assert [shard(batch, r, 2) for r in range(2)] == [[10, 11, 12], [13, 14]]
+    assert [shard(batch, r, 3) for r in range(3)] == [[10, 11], [12, 13], [14]]
+    assert [shard([7], r, 2) for r in range(2)] == [[7], []]
+    for n in range(0, 9):
+        for world in (1, 2, 3, 4):
+            parts = [shard(list(range(n)), r, world) for r in range(world)]
+            assert sum(parts, []) == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ptune", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_ddp_two_ranks_equal_single_process(tiny_models, tiny_csv, tmp_path):
+    overrides = [*csv_overrides(tiny_models, tiny_csv), *DDP_OVERRIDES]
+    ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
+    res = torchrun("train", *overrides, f"hydra.run.dir={ddp_dir}", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("done:") == 1  # rank 0 reports for both
+    single = ptune("train", *overrides, f"hydra.run.dir={single_dir}", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    results = json.loads((ddp_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and results["steps"] == 6
+    assert [json.loads(x)["step"] for x in (ddp_dir / "metrics.jsonl").read_text().splitlines()] == [6]
+    a = load_file(str(ddp_dir / "checkpoint" / "prompt.safetensors"))
+    b = load_file(str(single_dir / "checkpoint" / "prompt.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("method.") for k in a) and any("readout" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
+    ref = json.loads((single_dir / "results.json").read_text())
+    assert abs(ref["metrics"]["accuracy"] - results["metrics"]["accuracy"]) < 1e-6
+    assert not any(p.name.startswith(".") and p.name != ".hydra" for p in ddp_dir.iterdir())
+    assert not os.environ.get("WORLD_SIZE")  # the test process itself never joined a group
