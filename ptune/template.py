@@ -235,7 +235,10 @@ def _field_text(value: str, renderer: TemplateRenderer, name: str) -> str:
 def _fit(
     field_ids: dict[str, list[int]], order: list[str], budget: int, side: str
 ) -> tuple[dict[str, list[int]], int]:
-    """Longest-first truncation of the input fields to ``budget`` tokens in total."""
+    """Longest-first truncation of the input fields to ``budget`` tokens in total.
+
+    ``order`` lists every placeholder occurrence, so a field used twice costs its length twice.
+    """
     lengths = {name: len(field_ids[name]) for name in order}
     total = sum(lengths[n] for n in order)
     cut = max(0, total - budget)
@@ -243,7 +246,7 @@ def _fit(
     while remaining > 0:
         longest = max(order, key=lambda n: lengths[n])
         lengths[longest] -= 1
-        remaining -= 1
+        remaining -= order.count(longest)
     out = {}
     for name in order:
         ids = field_ids[name]

@@ -137,12 +137,13 @@ def peak_rss_mib() -> float:
 def side_ptune(args, cfg) -> dict:
     from ptune import train as T
 
-    seen: dict = {"tokens": 0}
+    seen: dict = {"tokens": 0, "computed": 0}
     collate, build_task = T.collate, T.build_task
 
     def counting_collate(*a, **k):  # the training loop's collate only (evaluation imports its own)
         b = collate(*a, **k)
         seen["tokens"] += int(b["attention_mask"].sum())
+        seen["computed"] += b["attention_mask"].numel()
         return b
 
     def keep_task(*a, **k):
@@ -160,6 +161,7 @@ def side_ptune(args, cfg) -> dict:
         "accuracy": res["metrics"]["accuracy"],
         "eval_examples": res["eval_examples"],
         "train_tokens": seen["tokens"],
+        "computed_tokens": seen["computed"],
         "train_time_s": train_time,
         "trainable_params": res["trainable_params"],
         "non_embedding_params": non_embedding_params(task.backbone.model),
@@ -288,11 +290,12 @@ def side_peft(args, cfg) -> dict:
         return logits, torch.nn.functional.cross_entropy(logits, labels)
 
     model.train()
-    step, tokens, examples = 0, 0, 0
+    step, tokens, computed, examples = 0, 0, 0, 0
     start = time.perf_counter()
     while step < tr.max_steps:
         for batch in loader:
             tokens += int(batch["attention_mask"].sum()) + extra_tokens * len(batch["labels"])
+            computed += batch["attention_mask"].numel() + extra_tokens * len(batch["labels"])
             examples += len(batch["labels"])
             with amp:
                 out = forward(batch)
@@ -324,6 +327,7 @@ def side_peft(args, cfg) -> dict:
         "accuracy": correct / len(dev_ds),
         "eval_examples": len(dev_ds),
         "train_tokens": tokens,
+        "computed_tokens": computed,
         "train_time_s": train_time,
         "trainable_params": trainable,
         "non_embedding_params": body_params,
@@ -394,6 +398,8 @@ def table(args, cfg, peak: float, ptune_res: dict, peft_res: dict) -> str:
     for label, key, fmt in rows:
         a, b = ptune_res[key], peft_res[key]
         lines.append(f"| {label:<26} | {fmt.format(a):>10} | {fmt.format(b):>10} | {a / b:>10.2f} |")
+    pa, pb = (r["computed_tokens"] / r["train_tokens"] for r in (ptune_res, peft_res))
+    lines.append(f"| {'train tokens computed/real':<26} | {pa:>10.2f} | {pb:>10.2f} | {pa / pb:>10.2f} |")
     fa, fb = flops(ptune_res), flops(peft_res)
     lines.append(f"| {'train GFLOP/s':<26} | {fa / 1e9:>10.1f} | {fb / 1e9:>10.1f} | {fa / fb:>10.2f} |")
     lines.append(f"| {'fraction of matmul peak':<26} | {fa / peak:>10.1%} | {fb / peak:>10.1%} | {fa / fb:>10.2f} |")
