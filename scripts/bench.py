@@ -22,10 +22,10 @@ Each side trains in its own child process (this script again, with ``--side``), 
   ``--threads``; the same training examples (ptune's seeded subsample of steps x batch examples: one epoch,
   each side in its own shuffled order); the full dev set (872) for accuracy and eval speed, eval batch 64.
 
-Training FLOPs ~= 4 x N x T: 2 (forward) + 2 (backward to the activations; the frozen weights get no gradient)
-multiply-adds x N non-embedding backbone parameters x T real tokens (non-padding input tokens plus soft-prompt
-virtual tokens; deep prefixes are not tokens). Attention score FLOPs are left out. Achieved FLOP/s is divided by
-the measured peak of a large ``torch.matmul`` in the same dtype and thread count.
+Training FLOPs ~= 4 x N x T: per parameter and token, 2 FLOPs (one multiply-add) forward + 2 backward to the
+activations (the frozen weights get no gradient); N non-embedding backbone parameters, T real tokens (non-padding
+input tokens plus soft-prompt virtual tokens; deep prefixes are not tokens). Attention score FLOPs are left out.
+Achieved FLOP/s is divided by the measured peak of a large ``torch.matmul`` in the same dtype and thread count.
 """
 
 from __future__ import annotations
