@@ -43,15 +43,17 @@ def readout_kind(template_cfg: Mapping) -> str:
     return kind
 
 
-def build_task(cfg: DictConfig, label_names: list[str], seed: int) -> Task:
+def build_task(cfg: DictConfig, label_names: list[str], seed: int, backbone: Backbone | None = None) -> Task:
+    """``backbone``: an already loaded one to reuse (multi-prompt serving shares one across checkpoints)."""
     method = method_config(as_dict(cfg.method))
     tcfg = as_dict(cfg.template)
     kind = readout_kind(tcfg)
-    backbone = load_backbone(
-        str(cfg.backbone.name),
-        with_lm_head=kind == "verbalizer",
-        dtype=str(cfg.backbone.get("dtype", "float32")),
-    )
+    if backbone is None:
+        backbone = load_backbone(
+            str(cfg.backbone.name),
+            with_lm_head=kind == "verbalizer",
+            dtype=str(cfg.backbone.get("dtype", "float32")),
+        )
     family = backbone.family
     tok = backbone.tokenizer
     if kind == "head" and family != "encoder":

@@ -6,10 +6,12 @@ label names, ptune version). Only safetensors, JSON and YAML are ever read back:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +52,17 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
 
-def save_checkpoint(directory: Path, model, cfg: DictConfig, meta: dict[str, Any]) -> int:
-    """Build the checkpoint in a temporary sibling folder, then swap it in; returns the weights' bytes."""
-    directory = Path(directory)
+@contextlib.contextmanager
+def atomic_folder(directory: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success swap it in for ``directory``.
+
+    The previous folder is kept as ``.<name>.old`` until the new one is in place, so a kill at any moment
+    leaves one complete version (the resume reader falls back to ``.old`` when ``directory`` is missing).
+    """
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
-        save_file(trainable_state(model), str(tmp / WEIGHTS), metadata={"format": "pt", "ptune": __version__})
-        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-        (tmp / "meta.json").write_text(json.dumps({**meta, "ptune_version": __version__}, indent=2) + "\n")
+        yield tmp
         old = directory.with_name(f".{directory.name}.old")
         if directory.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -68,6 +72,15 @@ def save_checkpoint(directory: Path, model, cfg: DictConfig, meta: dict[str, Any
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_checkpoint(directory: Path, model, cfg: DictConfig, meta: dict[str, Any]) -> int:
+    """Build the checkpoint in a temporary sibling folder, then swap it in; returns the weights' bytes."""
+    directory = Path(directory)
+    with atomic_folder(directory) as tmp:
+        save_file(trainable_state(model), str(tmp / WEIGHTS), metadata={"format": "pt", "ptune": __version__})
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+        (tmp / "meta.json").write_text(json.dumps({**meta, "ptune_version": __version__}, indent=2) + "\n")
     return (directory / WEIGHTS).stat().st_size
 
 

@@ -42,13 +42,21 @@ def load_task(path: str | Path, overrides: list[str] | None = None) -> tuple[Tas
     return task, cfg, ckpt, meta
 
 
-def check_same_backbone(saved: dict, current: dict, where: Path) -> None:
+def identity_mismatch(a: dict, b: dict) -> str | None:
+    """The first identity key on which two backbone identities disagree, or None."""
     for key in ("sha256", *IDENTITY_KEYS):
-        if key in saved and key in current and saved[key] != current[key]:
-            raise PtuneError(
-                f"checkpoint {str(where)!r} was trained on a different backbone: {key} {saved[key]!r} there, "
-                f"{current[key]!r} for {current.get('name_or_path')!r}"
-            )
+        if key in a and key in b and a[key] != b[key]:
+            return key
+    return None
+
+
+def check_same_backbone(saved: dict, current: dict, where: Path) -> None:
+    key = identity_mismatch(saved, current)
+    if key is not None:
+        raise PtuneError(
+            f"checkpoint {str(where)!r} was trained on a different backbone: {key} {saved[key]!r} there, "
+            f"{current[key]!r} for {current.get('name_or_path')!r}"
+        )
 
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str]) -> dict:

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .errors import PtuneError
 from .readout import ClsHead, VerbalizerReadout, full_sequence_scores
 from .template import SOFT_ID
 from .tuners import Tuner
@@ -85,6 +86,10 @@ class PromptModel(nn.Module):
             hidden = self._body(
                 inputs_embeds=embeds, attention_mask=attention_mask, **kwargs
             ).last_hidden_state
+        return self.read_out(hidden, attention_mask, answer_pos)
+
+    def read_out(self, hidden: torch.Tensor, attention_mask: torch.Tensor, answer_pos: torch.Tensor) -> torch.Tensor:
+        """Class scores from the body's hidden states (encoder and causal families)."""
         if isinstance(self.readout, ClsHead):
             return self.readout(hidden, attention_mask)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
@@ -98,8 +103,6 @@ class PromptModel(nn.Module):
             if self._softcap:
                 logits = torch.tanh(logits / self._softcap) * self._softcap
             return self.readout(logits, ids)
-        elif self._lm_head is not None:
-            logits = self._lm_head(h)
-        else:
-            raise RuntimeError("no MLM head found on this backbone")
-        return self.readout(logits)
+        if self._lm_head is None:
+            raise PtuneError("no MLM head found on this backbone")
+        return self.readout(self._lm_head(h))

@@ -9,10 +9,8 @@ The folder is built aside and swapped in, so a kill leaves either the previous s
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .checkpoint import atomic_folder
 from .errors import PtuneError
 
 STATE_DIR = "resume"
@@ -88,20 +87,9 @@ def save_state(out_dir: Path, model, opt, sched, scaler, rng: random.Random, loo
         "scaler": scaler.state_dict(),
         "rng": _rng_json(rng),
     }
-    target = out_dir / STATE_DIR
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{STATE_DIR}."))
-    try:
+    with atomic_folder(out_dir / STATE_DIR) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
-        old = out_dir / f".{STATE_DIR}.old"
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def clear_state(out_dir: Path) -> None:

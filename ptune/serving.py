@@ -16,24 +16,22 @@ same class scores up to float rounding (tests/test_serving.py checks 1e-5). Prom
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from . import build as build_module
 from .backbone import Backbone, load_backbone
 from .batching import Encoded, collate, eval_batches
 from .build import Task, build_task, readout_kind
 from .checkpoint import find_checkpoint, load_trainable_state, read_checkpoint
 from .errors import PtuneError
 from .evaluate import autocast
-from .inference import IDENTITY_KEYS, apply_overrides, check_same_backbone
+from .inference import apply_overrides, check_same_backbone, identity_mismatch
 from .prompt_model import PromptModel
-from .readout import ClsHead, VerbalizerReadout
+from .readout import VerbalizerReadout
 from .train import pick_amp, pick_device, seed_everything, trainer_config
 from .tuners import deep_attention as da
 
@@ -61,25 +59,6 @@ class ServedPrompt:
         return not (isinstance(readout, VerbalizerReadout) and readout.verbalizer.multi_token == "full")
 
 
-def _same_identity(a: dict, b: dict) -> str | None:
-    """The first identity key on which two backbone identities disagree, or None."""
-    for key in ("sha256", *IDENTITY_KEYS):
-        if key in a and key in b and a[key] != b[key]:
-            return key
-    return None
-
-
-@contextlib.contextmanager
-def _shared_backbone(backbone: Backbone) -> Iterator[None]:
-    """Make ``build_task`` reuse one loaded backbone instead of loading it once per checkpoint."""
-    original = build_module.load_backbone
-    build_module.load_backbone = lambda *args, **kwargs: backbone
-    try:
-        yield
-    finally:
-        build_module.load_backbone = original
-
-
 def load_prompts(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> tuple[list[ServedPrompt], Backbone]:
     """Rebuild every checkpoint's prompt on one shared backbone; refuse checkpoints of another backbone."""
     if not paths:
@@ -92,7 +71,7 @@ def load_prompts(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> 
     first_name, first_ckpt, first_cfg, first_meta, _ = loaded[0]
     ref = first_meta.get("backbone", {})
     for name, _ckpt, cfg, meta, _ in loaded[1:]:
-        key = _same_identity(ref, meta.get("backbone", {}))
+        key = identity_mismatch(ref, meta.get("backbone", {}))
         if key is not None:
             raise PtuneError(
                 f"checkpoints {first_name!r} and {name!r} were trained on different backbones ({key} "
@@ -111,15 +90,14 @@ def load_prompts(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> 
         dtype=str(first_cfg.backbone.get("dtype", "float32")),
     )
     prompts = []
-    with _shared_backbone(backbone):
-        for name, ckpt, cfg, meta, state in loaded:
-            check_same_backbone(meta.get("backbone", {}), backbone.identity, ckpt)
-            seed = trainer_config(cfg).seed
-            seed_everything(seed)
-            task = build_task(cfg, list(meta["label_names"]), seed)
-            load_trainable_state(task.model, state)
-            task.model.eval()
-            prompts.append(ServedPrompt(name, ckpt, task, cfg, meta))
+    for name, ckpt, cfg, meta, state in loaded:
+        check_same_backbone(meta.get("backbone", {}), backbone.identity, ckpt)
+        seed = trainer_config(cfg).seed
+        seed_everything(seed)
+        task = build_task(cfg, list(meta["label_names"]), seed, backbone=backbone)
+        load_trainable_state(task.model, state)
+        task.model.eval()
+        prompts.append(ServedPrompt(name, ckpt, task, cfg, meta))
     return prompts, backbone
 
 
@@ -265,7 +243,7 @@ class PromptServer:
             elif i in mlm:
                 scores = model.readout(vocab[where[rows]])
             else:
-                scores = _read(model, hidden[rows], attention_mask[rows], answer_pos[rows])
+                scores = model.read_out(hidden[rows], attention_mask[rows], answer_pos[rows])
             groups.append((rows, scores))
         return groups
 
@@ -288,22 +266,3 @@ class PromptServer:
                 for j, s in zip(idx, rows, strict=True):
                     out[j] = s.float().cpu()
         return out  # type: ignore[return-value]
-
-
-def _read(model: PromptModel, hidden: torch.Tensor, attention_mask: torch.Tensor, answer_pos: torch.Tensor):
-    """The readout half of ``PromptModel.forward`` for one prompt's rows (encoder / causal families)."""
-    if isinstance(model.readout, ClsHead):
-        return model.readout(hidden, attention_mask)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    h = hidden[rows, answer_pos]
-    if model.family == "causal":
-        head = model.backbone.get_output_embeddings()
-        ids = model.readout.verbalizer.flat_ids.to(h.device)
-        bias = head.bias[ids] if getattr(head, "bias", None) is not None else None
-        logits = torch.nn.functional.linear(h, head.weight[ids], bias)
-        if model._softcap:
-            logits = torch.tanh(logits / model._softcap) * model._softcap
-        return model.readout(logits, ids)
-    if model._lm_head is None:
-        raise PtuneError("no MLM head found on this backbone")
-    return model.readout(model._lm_head(h))
