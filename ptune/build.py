@@ -15,6 +15,7 @@ from .errors import PtuneError
 from .prompt_model import PromptModel
 from .readout import ClsHead, VerbalizerReadout
 from .template import TemplateRenderer, parse_template
+from .token_cache import render_split
 from .tuners import DEEP_METHODS, MethodConfig, TunerContext, build_tuner, method_config
 from .tuners import deep_attention as da
 from .tuners.base import SiteShape
@@ -174,9 +175,6 @@ def _probe_sites(model, family: str, tok, seed: int):
 
 
 def encode(task: Task, examples: list[dict[str, str]], labels: list[int]) -> Encoded:
-    ids, answers = [], []
-    for ex in examples:
-        r = task.renderer.render(ex)
-        ids.append(r.input_ids)
-        answers.append(r.answer_pos)
+    """Render a split: fields tokenised in batches, and cached on disk so a second run does not re-tokenise."""
+    ids, answers = render_split(task.renderer, examples)
     return Encoded(ids, answers, list(labels))

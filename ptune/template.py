@@ -141,12 +141,18 @@ class TemplateRenderer:
                     "(the answer is the next token)"
                 )
         self.soft_init_ids = [None] * self.prepend_soft
-        for seg in self.template.segments:
+        segments = self.template.segments
+        for i, seg in enumerate(segments):
             ids: list[int] = []
             if seg.kind == "text":
                 text = seg.value
                 if self.answer_mode == "end" and seg is self._text_before_answer():
                     text = text.rstrip(" ")  # the space belongs to the answer token (GPT/Llama tokenisation)
+                nxt = segments[i + 1] if i + 1 < len(segments) else None
+                if nxt is not None and nxt.kind == "field" and _field_has_space(self.template, nxt.value):
+                    # the field text carries the space (see _field_text): keeping it here too would make BPE
+                    # tokenizers read "Review:  good" (a standalone space token, then " good")
+                    text = text.rstrip(" ")
                 ids = self._encode(text) if text else []
             elif seg.kind == "soft" and seg.value:
                 ids = self._encode(seg.value)
@@ -181,16 +187,37 @@ class TemplateRenderer:
                 n += 1
         return n
 
+    def encode_fields(self, texts: list[str]) -> list[list[int]]:
+        """Tokenise input-field texts in one batched call, as plain text.
+
+        ``split_special_tokens``: a review that contains "[MASK]", "[SEP]" or "<s>" must not put real special
+        tokens into the input (a second mask slot, a fake segment end). Template words are not affected.
+        """
+        if not texts:
+            return []
+        out = self.tokenizer(
+            list(texts),
+            add_special_tokens=False,
+            split_special_tokens=True,
+            return_attention_mask=False,  # only the ids are used; building the rest costs a third of the call
+            return_token_type_ids=False,
+        )["input_ids"]
+        return [list(ids) for ids in out]
+
+    def check_fields(self, example: dict[str, str]) -> None:
+        for name in self.template.fields:
+            if name not in example:
+                raise PtuneError(
+                    f"template field {{{name}}} is not in the data (fields: {', '.join(sorted(example))})"
+                )
+
     def render(self, example: dict[str, str], field_ids: dict[str, list[int]] | None = None) -> Rendered:
-        """``field_ids`` lets callers pass pre-tokenised fields (tokenised once, cached)."""
+        """``field_ids`` lets callers pass pre-tokenised fields (``encode_fields`` over a whole split)."""
         if field_ids is None:
-            field_ids = {}
-            for name in self.template.fields:
-                if name not in example:
-                    raise PtuneError(
-                        f"template field {{{name}}} is not in the data (fields: {', '.join(sorted(example))})"
-                    )
-                field_ids[name] = self._encode(_field_text(example[name], self, name))
+            self.check_fields(example)
+            names = list(dict.fromkeys(self.template.fields))
+            tokenised = self.encode_fields([self.field_text(example, name) for name in names])
+            field_ids = dict(zip(names, tokenised, strict=True))
         budget = self.max_length - self.fixed_length()
         if budget < len(self.template.fields):
             raise PtuneError(
@@ -219,17 +246,38 @@ class TemplateRenderer:
     def field_text(self, example: dict[str, str], name: str) -> str:
         return _field_text(example[name], self, name)
 
+    def cache_settings(self) -> dict:
+        """Everything besides the tokenizer and the data that decides the rendered ids (token-cache key)."""
+        return {
+            "template": self.template.source,
+            "answer_mode": self.answer_mode,
+            "max_length": self.max_length,
+            "prepend_soft": self.prepend_soft,
+            "truncate_side": self.truncate_side,
+            "prefix_ids": list(self.prefix_ids),
+            "suffix_ids": list(self.suffix_ids),
+            "pieces": [[seg.kind, seg.value, seg.count, list(ids)] for seg, ids in self._pieces],
+        }
 
-def _field_text(value: str, renderer: TemplateRenderer, name: str) -> str:
-    """Fields that follow a literal ending in a space carry that space (matters for BPE tokenizers)."""
+
+def _field_has_space(template: Template, name: str) -> bool:
+    """Whether field ``name`` carries a leading space: its first placeholder follows a literal ending in a space,
+    or a mask/soft slot. Decided on the original template text (the renderer strips that literal's space)."""
     prev = None
-    for seg in renderer.template.segments:
+    for seg in template.segments:
         if seg.kind == "field" and seg.value == name:
             break
         prev = seg
-    if prev is not None and (prev.kind != "text" or prev.value.endswith(" ")):
-        return " " + value.strip()
-    return value.strip()
+    return prev is not None and (prev.kind != "text" or prev.value.endswith(" "))
+
+
+def _field_text(value: str, renderer: TemplateRenderer, name: str) -> str:
+    """Fields that follow a literal ending in a space carry that space (matters for BPE tokenizers).
+
+    An empty value gets no space either: a lone space would be a token of its own on BPE tokenizers.
+    """
+    text = value.strip()
+    return " " + text if text and _field_has_space(renderer.template, name) else text
 
 
 def _fit(

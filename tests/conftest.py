@@ -12,6 +12,9 @@ from .helpers import SENTENCES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests must not fill the user's ~/.cache/ptune/tokens; tests/test_token_cache.py turns the cache back on with a
+# private PTUNE_CACHE. (PTUNE_CACHE itself stays: the converted GGUF backbones are cached there.)
+os.environ.setdefault("PTUNE_NO_TOKEN_CACHE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PTUNE_DATA", REPO.parent / "shared" / "data"))
@@ -129,6 +132,44 @@ def make_tiny(kind: str, root: Path) -> Path:
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_models")
     return {k: make_tiny(k, root) for k in ("bert", "t5", "mt5", "gpt2", "llama", "gemma3")}
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_gpt2(tmp_path_factory) -> Path:
+    """A tiny GPT-2 with a byte-level BPE tokenizer, where ' great' and 'great' are different tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(["It was great", "It was terrible", "great fun", "a terrible film"] * 20, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=64))
+    out = tmp_path_factory.mktemp("bpe") / "gpt2"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def metaspace_tok():
+    """A tiny SentencePiece-style (Gemma-3) BPE tokenizer: spaces become '▁', and 'Review: ' ends in '▁'."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")
+    bpe.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never")
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    bpe.train_from_iterator(["Review: good movie", "Sentiment: great", "a terrible film\nthe end"] * 20, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
 
 
 @pytest.fixture(scope="session")

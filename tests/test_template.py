@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
@@ -188,28 +185,6 @@ def test_answer_mode_drop_and_none_have_no_slot_token(tok):
 # ------------------------------------------------------------------------------- causal LM leading spaces
 
 
-@pytest.fixture(scope="module")
-def tiny_bpe_gpt2(tmp_path_factory) -> Path:
-    """A tiny GPT-2 with a byte-level BPE tokenizer, where ' great' and 'great' are different tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator(["It was great", "It was terrible", "great fun", "a terrible film"] * 20, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=64))
-    out = tmp_path_factory.mktemp("bpe") / "gpt2"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def _words(task) -> list[list[int]]:
     v = task.verbalizer
     return [v.token_ids[c, 0][v.token_mask[c, 0]].tolist() for c in range(len(LABELS))]
@@ -230,6 +205,68 @@ def test_causal_label_words_without_space_before_the_mask(tiny_bpe_gpt2):
     task = make_task(make_cfg(tiny_bpe_gpt2, "soft_prompt", family="causal", template="{text_a} It was:{mask}"))
     tok = task.backbone.tokenizer
     assert _words(task) == [enc(tok, "terrible"), enc(tok, "great")]
+
+
+# ------------------------------------------------------------------- literal spaces before a field (BPE)
+
+REVIEW = "Review: {text_a}\nSentiment: {mask}"
+
+
+def test_bpe_literal_before_a_field_has_no_standalone_space(tiny_bpe_gpt2):
+    """'Review: ' + ' good' used to read 'Review:  good' (a lone space token); now it is plain tokenisation."""
+    task = make_task(make_cfg(tiny_bpe_gpt2, "soft_prompt", family="causal", prompt_length=0, template=REVIEW))
+    tok = task.backbone.tokenizer
+    space = enc(tok, " ")
+    assert len(space) == 1 and enc(tok, "Review: ")[-1:] == space  # the bug's precondition on this tokenizer
+    out = task.renderer.render({"text_a": "great fun"})  # ' great' and ' fun' are single tokens here
+    r = task.renderer
+    assert out.input_ids == r.prefix_ids + enc(tok, "Review: great fun\nSentiment:") + r.suffix_ids
+    assert space[0] not in out.input_ids
+    assert out.answer_pos == len(out.input_ids) - len(r.suffix_ids) - 1
+
+
+@pytest.mark.parametrize("mode", ["end", "drop"])
+def test_sentencepiece_literal_before_a_field_has_no_standalone_space(metaspace_tok, mode):
+    tok = metaspace_tok
+    assert enc(tok, "Review: ")[-1:] == enc(tok, " ")  # a trailing '▁' piece: the bug's precondition
+    r = renderer(tok, REVIEW, mode=mode)
+    out = r.render({"text_a": "good movie"})
+    plain = enc(tok, "Review: good movie")  # (this toy vocab merges across '\n', so compare up to the field's end)
+    assert out.input_ids[: len(r.prefix_ids) + len(plain)] == r.prefix_ids + plain
+    if mode == "end":  # ("drop" keeps the literal's space before the dropped slot, as before)
+        assert enc(tok, " ")[0] not in out.input_ids
+
+
+def test_field_space_is_decided_on_the_original_template(tiny_bpe_gpt2):
+    """A field used twice gets its space from its first placeholder; the second literal keeps its own space."""
+    tok = AutoTokenizer.from_pretrained(tiny_bpe_gpt2)
+    r = renderer(tok, "{text_a} vs: {text_a}", mode="none")
+    assert r.field_text({"text_a": " good "}, "text_a") == "good"
+    assert tok.decode(r.render({"text_a": "good"}).input_ids) == "good vs: good"
+    # the literal before a spaced field drops its space, but the field still carries one
+    r = renderer(tok, "A: {text_a} B: {text_b}", mode="none")
+    assert r.field_text({"text_a": "x", "text_b": "y"}, "text_b") == " y"
+    ids = r.render({"text_a": "It was", "text_b": "great fun"}).input_ids
+    assert ids == enc(tok, "A: It was B: great fun") and tok.decode(ids) == "A: It was B: great fun"
+    # an empty field adds no lone space token either
+    assert r.render({"text_a": "", "text_b": "fun"}).input_ids == enc(tok, "A: B: fun")
+
+
+# ------------------------------------------------------------------ special-token strings in user text
+
+
+def test_special_token_strings_in_a_field_are_plain_text(tok):
+    r = renderer(tok, "{text_a} It was {mask}.")
+    out = r.render({"text_a": "a [MASK] of a film [SEP] [CLS] <s>"})
+    ids = out.input_ids
+    assert ids.count(tok.mask_token_id) == 1 and ids[out.answer_pos] == tok.mask_token_id
+    assert out.answer_pos == len(ids) - 3  # the template's own slot, before '.' and [SEP]
+    assert ids.count(tok.sep_token_id) == 1 and ids.count(tok.cls_token_id) == 1  # only the frame's
+    assert enc(tok, "[ mask ]") == ids[2:5]  # read as the characters '[', 'mask', ']'
+    # template literals may still name special tokens on purpose
+    r2 = renderer(tok, "{text_a} [SEP] {text_b} {mask}")
+    ids2 = r2.render({"text_a": "x [SEP]", "text_b": "y"}).input_ids
+    assert ids2.count(tok.sep_token_id) == 2  # the template's and the frame's, not the field's
 
 
 # ---------------------------------------------------------------------------------------- property test
@@ -303,6 +340,8 @@ def test_renderer_property(tok, source, a, b, mode, max_length, prepend, side):
     if mode == "mask":
         assert 0 <= out.answer_pos < len(out.input_ids)
         assert out.input_ids[out.answer_pos] == tok.mask_token_id
+        if "[MASK]" not in source:  # field values (VALUES has "[MASK]") never add a mask token
+            assert out.input_ids.count(tok.mask_token_id) == 1
     elif mode == "end":
         assert out.answer_pos == len(out.input_ids) - len(r.suffix_ids) - 1
     else:
