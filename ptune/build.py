@@ -119,8 +119,10 @@ def build_task(cfg: DictConfig, label_names: list[str], seed: int, backbone: Bac
     model = backbone.model
     sites: list[SiteShape] = []
     site_init = None
+    lead = renderer.leading_soft() if family == "causal" and method.name not in DEEP_METHODS else 0
+    if method.name in DEEP_METHODS or lead:
+        da.enable(model)  # deep prompts, or a causal LM's shared soft-prompt prefix, go through ptune_sdpa
     if method.name in DEEP_METHODS:
-        da.enable(model)
         sites, site_init = _probe_sites(model, family, tok, seed)
     torch.manual_seed(seed)
     ctx = TunerContext(
@@ -136,7 +138,7 @@ def build_task(cfg: DictConfig, label_names: list[str], seed: int, backbone: Bac
     )
     tuner = build_tuner(method, ctx, tok, seed)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    prompt_model = PromptModel(model, family, tuner, readout, pad_id)
+    prompt_model = PromptModel(model, family, tuner, readout, pad_id, (len(renderer.prefix_ids) + lead, lead))
     return Task(prompt_model, backbone, renderer, verbalizer, list(label_names), method, family == "causal")
 
 

@@ -18,7 +18,19 @@ Family = Literal["encoder", "seq2seq", "causal"]
 
 
 class PromptModel(nn.Module):
-    def __init__(self, model: nn.Module, family: Family, tuner: Tuner, readout: nn.Module, pad_id: int):
+    """``shared_prefix``: (tokens, soft tokens) that open every rendered input: the tokenizer's leading special
+    tokens, then the soft tokens that come before any text. On a causal LM nothing else influences them, so
+    ``forward`` computes them once per batch instead of once per row (see ``_forward_shared_prefix``)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        family: Family,
+        tuner: Tuner,
+        readout: nn.Module,
+        pad_id: int,
+        shared_prefix: tuple[int, int] = (0, 0),
+    ):
         super().__init__()
         self.backbone = model
         self.family = family
@@ -31,6 +43,8 @@ class PromptModel(nn.Module):
         self._takes_positions = "position_ids" in inspect.signature(body.forward).parameters
         self._lm_head = self._find_lm_head() if isinstance(readout, VerbalizerReadout) else None
         self._softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.shared_prefix = shared_prefix
+        self.share_prefix = family == "causal" and shared_prefix[1] > 0 and not tuner.is_deep and self._takes_positions
 
     def _find_lm_head(self) -> nn.Module | None:
         if self.family != "encoder":
@@ -68,13 +82,17 @@ class PromptModel(nn.Module):
         return embeds
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_pos: torch.Tensor):
+        if self.share_prefix and not self._full_sequence_readout():
+            split = self._split_shared_prefix(input_ids, attention_mask)
+            if split is not None:
+                return self._forward_shared_prefix(*split, answer_pos)
         embeds = self.embed(input_ids)
         kwargs = {}
         if self._takes_positions:
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         prefixes = self.tuner.deep_prefixes() if self.tuner.is_deep else None
         with da.prefixes(prefixes):
-            if isinstance(self.readout, VerbalizerReadout) and self.readout.verbalizer.multi_token == "full":
+            if self._full_sequence_readout():
                 return full_sequence_scores(self, embeds, attention_mask, answer_pos)
             if self.family == "seq2seq":
                 start = self.backbone.config.decoder_start_token_id or 0
@@ -87,6 +105,46 @@ class PromptModel(nn.Module):
                 inputs_embeds=embeds, attention_mask=attention_mask, **kwargs
             ).last_hidden_state
         return self.read_out(hidden, attention_mask, answer_pos)
+
+    def _full_sequence_readout(self) -> bool:
+        return isinstance(self.readout, VerbalizerReadout) and self.readout.verbalizer.multi_token == "full"
+
+    def _split_shared_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """(prefix ids [1, K], rest ids [B, W-K], rest mask [B, W-K]) when every row opens with the same K real
+        tokens (left or right padded), else None; the rest keeps each row's padding on its side."""
+        k = self.shared_prefix[0]
+        b, w = input_ids.shape
+        window = getattr(self.backbone.config, "sliding_window", None)
+        if w <= k or (window is not None and w > window):  # a sliding window would hide the prefix from late rows
+            return None
+        start = attention_mask.argmax(1)  # first real token (0 for right padding)
+        cols = torch.arange(w, device=input_ids.device)[None, :]
+        head = (cols >= start[:, None]) & (cols < start[:, None] + k)
+        prefix = input_ids[head].view(b, k)
+        if not bool(attention_mask[head].all()) or not bool((prefix == prefix[:1]).all()):
+            return None
+        rest = ~head
+        return prefix[:1], input_ids[rest].view(b, w - k), attention_mask[rest].view(b, w - k)
+
+    def _forward_shared_prefix(self, prefix_ids, input_ids, attention_mask, answer_pos):
+        """The shared prefix runs once (one row); its keys and values at every attention site, gradients kept,
+        are then prepended to each row's attention like deep prompts, with the rows' positions shifted past it.
+        Under causal attention this equals running every row whole, at a fraction of the tokens (a 20-token
+        prompt before 20-token inputs halves them), in training and in evaluation."""
+        k, n_soft = self.shared_prefix
+        vectors = self.tuner.soft_vectors()
+        dev = input_ids.device
+        with da.recording(keep_grad=True) as kv:
+            self._body(
+                inputs_embeds=self.embed(prefix_ids, vectors[:n_soft]),
+                attention_mask=torch.ones_like(prefix_ids),
+                position_ids=torch.arange(k, device=dev)[None, :],
+            )
+        embeds = self.embed(input_ids, vectors[n_soft:])  # soft tokens later in the template, if any
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + k
+        with da.prefixes([kv[i] for i in range(len(kv))]):
+            hidden = self._body(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions)
+        return self.read_out(hidden.last_hidden_state, attention_mask, answer_pos - k)
 
     def read_out(self, hidden: torch.Tensor, attention_mask: torch.Tensor, answer_pos: torch.Tensor) -> torch.Tensor:
         """Class scores from the body's hidden states (encoder and causal families)."""

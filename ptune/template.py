@@ -243,6 +243,15 @@ class TemplateRenderer:
         ids.extend(self.suffix_ids)
         return Rendered(ids, answer, cut)
 
+    def leading_soft(self) -> int:
+        """Soft tokens every rendered input opens with, right after the special-token frame."""
+        n = self.prepend_soft
+        for seg, ids in self._pieces:
+            if seg.kind != "soft":
+                break
+            n += len(ids) if seg.value else seg.count
+        return n
+
     def field_text(self, example: dict[str, str], name: str) -> str:
         return _field_text(example[name], self, name)
 

@@ -144,3 +144,57 @@ def test_padding_side_and_batch_of_one(tiny_models, method, kind):
     for i in range(len(SENTENCES)):
         one = collate(enc, [i], task.model.pad_id, task.left_pad)
         torch.testing.assert_close(logits(task, one)[0], lr[i], rtol=0, atol=2e-5)
+
+
+SHARED_PREFIX_CASES = [
+    (method, kind, length, template)
+    for kind in ("gpt2", "llama", "gemma3")
+    for method, length, template in (
+        ("soft_prompt", 3, None),  # soft tokens prepended after the special-token frame
+        ("ptuning_v1", 3, None),  # 3 prepended + {soft:"the movie"} shared; {soft:2} later stays per row
+        ("ptuning_v1", 0, "{text_a} {soft:2} It was {mask}"),  # nothing to share: the plain path
+    )
+]
+
+
+@pytest.mark.parametrize("method,kind,length,template", SHARED_PREFIX_CASES)
+def test_shared_prefix_forward_equals_whole_rows(tiny_models, method, kind, length, template):
+    """A causal LM computes the prompt that opens every row once per batch: same logits and same gradients as
+    running every row whole, with left and right padding."""
+    task = make_task(_cfg(tiny_models, method, kind, prompt_length=length, template=template))
+    model = task.model
+    assert model.share_prefix == (template is None)
+    _perturb(task)
+    for left in (True, False):
+        _, b = batch(task, left_pad=left)
+        results = []
+        for share in (True, False):
+            model.share_prefix = share and template is None
+            model.zero_grad(set_to_none=True)
+            out = model(b["input_ids"], b["attention_mask"], b["answer_pos"])
+            torch.nn.functional.cross_entropy(out, b["labels"]).backward()
+            grads = [p.grad.clone() for p in model.trainable_parameters()]
+            results.append((out.detach(), grads))
+        (shared, g_shared), (whole, g_whole) = results
+        torch.testing.assert_close(shared, whole, rtol=0, atol=2e-5)
+        for a, c in zip(g_shared, g_whole, strict=True):
+            torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+    model.share_prefix = template is None
+
+
+def test_shared_prefix_runs_the_prompt_once(tiny_models):
+    """The saving is real: the shared path feeds the backbone 1 prompt row plus the rows without their prompt."""
+    task = make_task(_cfg(tiny_models, "soft_prompt", "llama", prompt_length=5))
+    model = task.model
+    _, b = batch(task)
+    seen = []
+    hook = model._body.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(tuple(kw["inputs_embeds"].shape[:2])), with_kwargs=True
+    )
+    try:
+        logits(task, b)
+    finally:
+        hook.remove()
+    k = model.shared_prefix[0]
+    width = b["input_ids"].shape[1]
+    assert seen == [(1, k), (len(SENTENCES), width - k)]

@@ -30,7 +30,7 @@ class _State:
     prefixes: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per site: key, value [B, H, P, D]
     prefix_mask: torch.Tensor | None = None  # [B, P] bool, False = padding slot of a row with a shorter prefix
     record: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # site -> (key, value) seen
-    record_only: bool = False
+    keep_grad: bool = False  # recorded keys/values stay in the autograd graph (shared-prefix forward)
     extra: dict = field(default_factory=dict)
 
 
@@ -42,7 +42,7 @@ def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
     site = getattr(module, "_ptune_site", None)
     if state is not None and site is not None:
         if state.record is not None:
-            state.record[site] = (key.detach(), value.detach())
+            state.record[site] = (key, value) if state.keep_grad else (key.detach(), value.detach())
         if state.prefixes is not None:
             pk, pv = state.prefixes[site]
             key, value, attention_mask, kwargs = _extend(
@@ -139,10 +139,11 @@ def prefixes(
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-    """Capture every site's key/value (used to size prefixes and to initialise them from real tokens)."""
+def recording(keep_grad: bool = False) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Capture every site's key/value: to size prefixes and initialise them from real tokens, and (with
+    ``keep_grad``) to reuse a shared prompt prefix's keys/values across a batch."""
     record: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    token = _ACTIVE.set(_State(record=record))
+    token = _ACTIVE.set(_State(record=record, keep_grad=keep_grad))
     try:
         yield record
     finally:
