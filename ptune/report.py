@@ -336,6 +336,9 @@ def plot(path: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
             )
         ax.set_xlabel(x_key)
         xs = sorted({r[x_key] for r in rows})
+        if xs[0] > 0 and xs[-1] / xs[0] >= 8:  # geometric grids (prompt length 1, 4, 16, 64; learning rates)
+            ax.set_xscale("log")
+            ax.minorticks_off()
         if len(xs) <= 12:
             ax.set_xticks(xs, [_fmt(x) for x in xs])
         if any(label for label in lines if label):

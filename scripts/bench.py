@@ -23,8 +23,9 @@ Each side trains in its own child process (this script again, with ``--side``), 
   each side in its own shuffled order); the full dev set (872) for accuracy and eval speed, eval batch 64.
 
 Training FLOPs ~= 4 x N x T: per parameter and token, 2 FLOPs (one multiply-add) forward + 2 backward to the
-activations (the frozen weights get no gradient); N non-embedding backbone parameters, T real tokens (non-padding
-input tokens plus soft-prompt virtual tokens; deep prefixes are not tokens). Attention score FLOPs are left out.
+activations (the frozen weights get no gradient); N non-embedding backbone parameters, T real tokens that the
+backbone runs (non-padding input tokens plus soft-prompt virtual tokens; ptune's shared prompt prefix on a causal LM
+counts once per batch; deep prefixes are not tokens). Attention score FLOPs are left out.
 Achieved FLOP/s is divided by the measured peak of a large ``torch.matmul`` in the same dtype and thread count.
 """
 
@@ -154,19 +155,21 @@ def side_ptune(args, cfg) -> dict:
     from ptune import train as T
 
     seen: dict = {"tokens": 0, "computed": 0}
-    collate, build_task = T.collate, T.build_task
+    build_task = T.build_task
 
-    def counting_collate(*a, **k):  # the training loop's collate only (evaluation imports its own)
-        b = collate(*a, **k)
-        seen["tokens"] += int(b["attention_mask"].sum())
-        seen["computed"] += b["attention_mask"].numel()
-        return b
+    def count_tokens(_module, _args, kwargs) -> None:
+        """Tokens the backbone body really runs in training: a causal LM's shared prompt prefix once per batch."""
+        if seen["task"].model.training:
+            mask = kwargs["attention_mask"]
+            seen["tokens"] += int(mask.sum())
+            seen["computed"] += mask.numel()
 
     def keep_task(*a, **k):
         seen["task"] = build_task(*a, **k)
+        seen["task"].model._body.register_forward_pre_hook(count_tokens, with_kwargs=True)
         return seen["task"]
 
-    T.collate, T.build_task = counting_collate, keep_task
+    T.build_task = keep_task
     with tempfile.TemporaryDirectory() as out:
         res = T.run_training(cfg, Path(out))
     task = seen["task"]

@@ -141,3 +141,20 @@ def test_report_without_runs_is_a_clear_error(tmp_path):
         write_report(tmp_path, print_it=False)
     res = ptune("report", str(tmp_path / "missing"), cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.startswith("ptune: error:") and "Traceback" not in res.stderr
+
+
+def test_plot_uses_a_log_axis_for_geometric_grids(tmp_path, monkeypatch):
+    """Prompt lengths 1, 4, 16, 64 crowd the left of a linear axis: the plot switches to a log axis."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from ptune.report import plot
+
+    scales = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: scales.append([a.get_xscale() for a in fig.axes]))
+    row = {"mean": 0.8, "std": 0.01, "n_runs": 2, "metric": "accuracy"}
+    plot(tmp_path / "geo.png", ["method.prompt_length"], [{"method.prompt_length": n, **row} for n in (1, 4, 16, 64)])
+    plot(tmp_path / "lin.png", ["trainer.lr"], [{"trainer.lr": x, **row} for x in (1, 2, 3)])
+    assert scales == [["log"], ["linear"]]
