@@ -24,7 +24,7 @@ def predict_logits(
     model.eval()
     chunks: list[tuple[list[int], torch.Tensor]] = []
     lengths = [len(x) for x in data.input_ids]
-    with torch.inference_mode(), autocast(device, amp):
+    with torch.inference_mode(), autocast(device, amp), model.frozen_prompt():
         for idx in eval_batches(lengths, batch_size):
             b = collate(data, idx, model.pad_id, left_pad)
             logits = model(

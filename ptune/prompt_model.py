@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -45,6 +47,7 @@ class PromptModel(nn.Module):
         self._softcap = getattr(model.config, "final_logit_softcapping", None)
         self.shared_prefix = shared_prefix
         self.share_prefix = family == "causal" and shared_prefix[1] > 0 and not tuner.is_deep and self._takes_positions
+        self._prefix_kv: dict | None = None  # inside frozen_prompt(): shared-prefix keys/values per prefix
 
     def _find_lm_head(self) -> nn.Module | None:
         if self.family != "encoder":
@@ -126,23 +129,45 @@ class PromptModel(nn.Module):
         rest = ~head
         return prefix[:1], input_ids[rest].view(b, w - k), attention_mask[rest].view(b, w - k)
 
+    @contextlib.contextmanager
+    def frozen_prompt(self) -> Iterator[None]:
+        """Evaluation: the prompt does not change between batches, so a causal LM's shared prefix runs once for
+        all of them (its keys and values are kept while the context lasts; only without autograd)."""
+        self._prefix_kv = {}
+        try:
+            yield
+        finally:
+            self._prefix_kv = None
+
+    def _shared_prefix_kv(self, prefix_ids: torch.Tensor):
+        """(keys/values per attention site, soft vectors) of the shared prefix."""
+        cache = self._prefix_kv if not torch.is_grad_enabled() else None
+        key = (tuple(prefix_ids[0].tolist()), torch.is_autocast_enabled(prefix_ids.device.type))
+        if cache is not None and key in cache:
+            return cache[key]
+        k, n_soft = self.shared_prefix
+        vectors = self.tuner.soft_vectors()
+        with da.recording(keep_grad=True) as kv:
+            self._body(
+                inputs_embeds=self.embed(prefix_ids, vectors[:n_soft]),
+                attention_mask=torch.ones_like(prefix_ids),
+                position_ids=torch.arange(k, device=prefix_ids.device)[None, :],
+            )
+        out = ([kv[i] for i in range(len(kv))], vectors)
+        if cache is not None:
+            cache[key] = out
+        return out
+
     def _forward_shared_prefix(self, prefix_ids, input_ids, attention_mask, answer_pos):
         """The shared prefix runs once (one row); its keys and values at every attention site, gradients kept,
         are then prepended to each row's attention like deep prompts, with the rows' positions shifted past it.
         Under causal attention this equals running every row whole, at a fraction of the tokens (a 20-token
         prompt before 20-token inputs halves them), in training and in evaluation."""
         k, n_soft = self.shared_prefix
-        vectors = self.tuner.soft_vectors()
-        dev = input_ids.device
-        with da.recording(keep_grad=True) as kv:
-            self._body(
-                inputs_embeds=self.embed(prefix_ids, vectors[:n_soft]),
-                attention_mask=torch.ones_like(prefix_ids),
-                position_ids=torch.arange(k, device=dev)[None, :],
-            )
+        per_site, vectors = self._shared_prefix_kv(prefix_ids)
         embeds = self.embed(input_ids, vectors[n_soft:])  # soft tokens later in the template, if any
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + k
-        with da.prefixes([kv[i] for i in range(len(kv))]):
+        with da.prefixes(per_site):
             hidden = self._body(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions)
         return self.read_out(hidden.last_hidden_state, attention_mask, answer_pos - k)
 

@@ -198,3 +198,25 @@ def test_shared_prefix_runs_the_prompt_once(tiny_models):
     k = model.shared_prefix[0]
     width = b["input_ids"].shape[1]
     assert seen == [(1, k), (len(SENTENCES), width - k)]
+
+
+def test_evaluation_runs_the_shared_prefix_once_for_all_batches(tiny_models):
+    """predict_logits keeps the prefix's keys/values across batches (the prompt is frozen there): one prefix
+    forward for three batches, and the same logits as computing it in every batch."""
+    from ptune.evaluate import predict_logits
+
+    task = make_task(_cfg(tiny_models, "soft_prompt", "llama", prompt_length=5))
+    _perturb(task)
+    enc, b = batch(task)
+    k = task.model.shared_prefix[0]
+    seen = []
+    hook = task.model._body.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(tuple(kw["inputs_embeds"].shape[:2])), with_kwargs=True
+    )
+    try:
+        got = predict_logits(task.model, enc, 2, torch.device("cpu"), None, task.left_pad)
+    finally:
+        hook.remove()
+    assert seen[0] == (1, k) and [rows for rows, _ in seen[1:]] == [2, 2, 2]
+    assert task.model._prefix_kv is None  # nothing kept after evaluation
+    torch.testing.assert_close(got, logits(task, b), rtol=0, atol=2e-5)
