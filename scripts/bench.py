@@ -18,7 +18,8 @@ Each side trains in its own child process (this script again, with ``--side``), 
   words' logits at the last position (``logits_to_keep=1``: only that position goes through the LM head).
   The frozen backbone is in train mode there (dropout on, as in PEFT's docs; BERT's dropout is 0.1, Llama has
   none); ptune keeps it in eval mode.
-- Both: the backbone loaded in float32, ``torch.autocast`` in bf16 with ``--precision bf16``, the same
+- Both: the backbone loaded in float32 (or ``--backbone-dtype bfloat16`` for smollm2-soft, as its experiment runs),
+  ``torch.autocast`` in bf16 with ``--precision bf16``, the same
   ``--threads``; the same training examples (ptune's seeded subsample of steps x batch examples: one epoch,
   each side in its own shuffled order); the full dev set (872) for accuracy and eval speed, eval batch 64.
 
@@ -74,6 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=0, help="training steps (0: the setup's, 600 or 200)")
     p.add_argument("--batch-size", type=int, default=0, help="0: the experiment's batch size")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument(
+        "--backbone-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="frozen backbone weights on both sides (bfloat16: smollm2-soft only, as its experiment runs)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: all allowed cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", default=os.environ.get("PTUNE_DATA", str(REPO.parent / "shared" / "data")))
@@ -105,7 +112,7 @@ def compose_cfg(args: argparse.Namespace):
             f"+experiment={exp}",
             f"data.root={args.data_root}",
             f"backbone.max_length={MAX_LENGTH}",
-            "backbone.dtype=float32",
+            f"backbone.dtype={args.backbone_dtype}",
             f"trainer.max_steps={steps}",
             f"trainer.batch_size={batch}",
             f"trainer.eval_every={steps}",
@@ -248,7 +255,7 @@ def side_peft(args, cfg) -> dict:
         extra_tokens = 0
         label_ids = None
     else:
-        bb = load_backbone(setup["backbone"], with_lm_head=True, dtype="float32")
+        bb = load_backbone(setup["backbone"], with_lm_head=True, dtype=args.backbone_dtype)
         base, tok = bb.model, bb.tokenizer
         tok.padding_side = "left"
         body_params = non_embedding_params(base)
@@ -380,6 +387,7 @@ def run_child(args, side: str) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--out", str(out)]
         cmd += ["--setup", args.setup, "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
         cmd += ["--precision", args.precision, "--threads", str(args.threads), "--seed", str(args.seed)]
+        cmd += ["--backbone-dtype", args.backbone_dtype]
         cmd += ["--data-root", args.data_root]
         cmd += [f"--ptune-override={o}" for o in args.ptune_override]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
@@ -427,6 +435,10 @@ def table(args, cfg, peak: float, ptune_res: dict, peft_res: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.backbone_dtype == "bfloat16" and args.setup != "smollm2-soft":
+        raise SystemExit(
+            "bench: --backbone-dtype bfloat16 is for --setup smollm2-soft (PEFT's classifier head would train in bf16)"
+        )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = compose_cfg(args)
     args.steps, args.batch_size = int(cfg.trainer.max_steps), int(cfg.trainer.batch_size)
