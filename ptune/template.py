@@ -36,7 +36,13 @@ class Template:
 
     @property
     def fields(self) -> list[str]:
+        """Every field placeholder in order (a field used twice appears twice: truncation counts it twice)."""
         return [s.value for s in self.segments if s.kind == "field"]
+
+    @property
+    def field_names(self) -> list[str]:
+        """Each field once, in order of first use: what gets tokenised."""
+        return list(dict.fromkeys(self.fields))
 
     @property
     def has_mask(self) -> bool:
@@ -215,7 +221,7 @@ class TemplateRenderer:
         """``field_ids`` lets callers pass pre-tokenised fields (``encode_fields`` over a whole split)."""
         if field_ids is None:
             self.check_fields(example)
-            names = list(dict.fromkeys(self.template.fields))
+            names = self.template.field_names
             tokenised = self.encode_fields([self.field_text(example, name) for name in names])
             field_ids = dict(zip(names, tokenised, strict=True))
         budget = self.max_length - self.fixed_length()

@@ -83,7 +83,7 @@ def render_batched(
 def _render_batched(
     renderer: TemplateRenderer, examples: list[dict[str, str]]
 ) -> tuple[list[list[int]], list[int]]:
-    names = list(dict.fromkeys(renderer.template.fields))
+    names = renderer.template.field_names
     per_field: dict[str, list[list[int]]] = {}
     for name in names:
         texts = [renderer.field_text(ex, name) for ex in examples]
@@ -108,7 +108,7 @@ def cache_key(renderer: TemplateRenderer, examples: list[dict[str, str]]) -> str
         "tokenizer": tokenizer_fingerprint(renderer.tokenizer),
     }
     digest = hashlib.sha256(_dumps(head).encode())
-    names = list(dict.fromkeys(renderer.template.fields))
+    names = renderer.template.field_names
     # only the fields the template reads: other columns cannot change the ids
     digest.update(b"\n" + _dumps([[ex[n] for n in names] for ex in examples]).encode())
     return digest.hexdigest()
