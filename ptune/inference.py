@@ -11,6 +11,7 @@ from .checkpoint import atomic_write_json, find_checkpoint, load_trainable_state
 from .data import load_split
 from .errors import PtuneError
 from .evaluate import evaluate
+from .frozen import prepare_frozen_backbone
 from .train import pick_amp, pick_device, seed_everything, subsample, trainer_config
 
 IDENTITY_KEYS = ("model_type", "hidden_size", "num_layers", "vocab_size")
@@ -71,6 +72,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str]) -> dict:
     split = subsample(split, cfg.dataset.get("max_eval_samples"), 0)
     data = encode(task, split.examples, split.labels)
     task.model.to(device)
+    prepare_frozen_backbone(task.backbone.model, amp, tr.cast_frozen_weights, tr.fuse_projections)
     res = evaluate(task.model, data, tr.eval_batch_size, device, amp, task.left_pad, len(task.label_names))
     out = {"checkpoint": str(ckpt), "split": split_name, "examples": len(data), **res}
     atomic_write_json(ckpt.parent / "eval.json", out)

@@ -29,6 +29,7 @@ from .build import Task, build_task, readout_kind
 from .checkpoint import find_checkpoint, load_trainable_state, read_checkpoint
 from .errors import PtuneError
 from .evaluate import autocast
+from .frozen import prepare_frozen_backbone
 from .inference import apply_overrides, check_same_backbone, identity_mismatch
 from .prompt_model import PromptModel
 from .readout import VerbalizerReadout
@@ -120,6 +121,7 @@ class PromptServer:
         self.pad_id = self.base.pad_id
         for p in self.prompts:
             p.task.model.to(self.device).eval()
+        prepare_frozen_backbone(self.base.backbone, self.amp, tr.cast_frozen_weights, tr.fuse_projections)
         self._build_tables()
 
     # ------------------------------------------------------------------ per-prompt tensors, padded and stacked

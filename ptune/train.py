@@ -26,6 +26,7 @@ from .checkpoint import read_checkpoint as read_ckpt
 from .data import Split, k_shot, load_split
 from .errors import PtuneError
 from .evaluate import autocast, evaluate
+from .frozen import prepare_frozen_backbone
 from .resume import LoopState
 
 
@@ -55,6 +56,7 @@ class TrainerConfig:
     resume: bool = False  # continue from the run folder's resumable state, if any
     compile: bool = False  # torch.compile the backbone body (dynamic shapes); pays off on long runs only
     cast_frozen_weights: bool = True  # under bf16/fp16 autocast, keep frozen Linear weights in that dtype
+    fuse_projections: bool = True  # one matmul for frozen q/k/v (and gate/up) projections of the same input
     attention_kernel: str = "auto"  # SDPA kernel for training steps: auto | default | math
 
     def __post_init__(self) -> None:
@@ -88,6 +90,7 @@ class TrainerConfig:
             "resume": (True, False),
             "compile": (True, False),
             "cast_frozen_weights": (True, False),
+            "fuse_projections": (True, False),
             "attention_kernel": ("auto", "default", "math"),
         }
         for key, valid in choices.items():
@@ -161,41 +164,6 @@ def configure_threads(requested: int, local_world_size: int = 1) -> int:
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
     return n
-
-
-def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Store frozen ``nn.Linear`` weights in the autocast dtype once; returns how many tensors were cast.
-
-    Autocast caches its casts only for leaves that require grad, so every frozen weight is otherwise converted
-    again in every forward (and in every evaluation batch). Autocast runs linear layers in ``dtype`` on both
-    inputs anyway, so the numbers are the same. Weights shared with another module (an LM head tied to the
-    embedding table, whose lookup autocast leaves in fp32) are left alone.
-
-    Loaded weights are views of the memory-mapped safetensors file, which stays mapped (and resident) while any
-    of them lives; the other frozen tensors are copied out of it so the fp32 originals are really released.
-    """
-    owners: dict[int, int] = {}
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    cast: set[int] = set()
-    for m in model.modules():
-        if not isinstance(m, torch.nn.Linear):
-            continue
-        for p in m.parameters(recurse=False):
-            if not p.requires_grad and p.dtype == torch.float32 and owners[id(p)] == 1:
-                p.data = p.data.to(dtype)
-                cast.add(id(p))
-    if cast:
-        with torch.no_grad():
-            for p in model.parameters():
-                if id(p) not in cast and not p.requires_grad:
-                    p.data = p.data.clone()
-            for m in model.modules():
-                for name, b in m._buffers.items():
-                    if b is not None:
-                        m._buffers[name] = b.clone()
-    return len(cast)
 
 
 MATH_ATTENTION_MAX_LEN = 256
@@ -373,8 +341,9 @@ def run_training(cfg: DictConfig, out_dir: Path) -> dict:
     total = trainable + sum(p.numel() for p in task.backbone.model.parameters())
     if d.enabled:
         distributed.broadcast_params(params)
-    if amp is not None and tr.cast_frozen_weights:
-        cast_frozen_linears(task.backbone.model, amp)
+    # Compiled code would not see the fused projections' bookkeeping: fuse only in eager mode.
+    fuse = tr.fuse_projections and not tr.compile
+    prepare_frozen_backbone(task.backbone.model, amp, tr.cast_frozen_weights, fuse)
     if tr.compile:
         compile_backbone(model)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 
     python scripts/bench.py --setup minilm-ptv2 --precision bf16
     python scripts/bench.py --setup smollm2-soft --steps 50 --precision bf16
+    python scripts/bench.py --setup smollm2-soft --precision bf16 --seeds 0,1,2
 
 Each side trains in its own child process (this script again, with ``--side``), so each child's peak RSS
 (``ru_maxrss``) is its own; the parent measures the matmul peak and prints the table.
@@ -28,6 +29,8 @@ activations (the frozen weights get no gradient); N non-embedding backbone param
 backbone runs (non-padding input tokens plus soft-prompt virtual tokens; ptune's shared prompt prefix on a causal LM
 counts once per batch; deep prefixes are not tokens). Attention score FLOPs are left out.
 Achieved FLOP/s is divided by the measured peak of a large ``torch.matmul`` in the same dtype and thread count.
+The ptune child also times its backbone's matmuls alone at the run's mean token rows per batch (``matmul_ceiling``):
+no step can beat that fraction of the peak, whatever the rest of the step costs.
 """
 
 from __future__ import annotations
@@ -83,6 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: all allowed cores)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        default="",
+        help="comma-separated seeds (e.g. 0,1,2): one table per seed, then dev accuracy mean and std over them",
+    )
     p.add_argument("--data-root", default=os.environ.get("PTUNE_DATA", str(REPO.parent / "shared" / "data")))
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument(
@@ -181,6 +189,7 @@ def side_ptune(args, cfg) -> dict:
         res = T.run_training(cfg, Path(out))
     task = seen["task"]
     train_time = res["steps"] * int(cfg.trainer.batch_size) / res["train_examples_per_s"]
+    rows = seen["computed"] // max(1, res["steps"])
     return {
         "train_examples_per_s": res["train_examples_per_s"],
         "eval_examples_per_s": res["eval_examples_per_s"],
@@ -192,7 +201,37 @@ def side_ptune(args, cfg) -> dict:
         "trainable_params": res["trainable_params"],
         "non_embedding_params": non_embedding_params(task.backbone.model),
         "threads": torch.get_num_threads(),
+        "matmul_ceiling_flops": matmul_ceiling(task.model._body, rows, args.precision),
+        "rows_per_batch": rows,
     }
+
+
+def matmul_ceiling(body: torch.nn.Module, rows: int, dtype_name: str, reps: int = 5) -> float:
+    """FLOP/s of a training step's backbone matmuls alone, at this run's shapes: for every projection of the body,
+    the forward (rows x in @ in x out) and the activation gradient (rows x out @ out x in), each timed on its own.
+    Whatever else a step does (attention, norms, activations, casts, autograd) only lowers the step's figure, so
+    this bounds the achievable fraction of the matmul peak for this model at this batch's token count."""
+    from ptune.frozen import FusedProjection
+
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    shapes = [
+        tuple(m.weight.shape) for m in body.modules() if type(m) is torch.nn.Linear or isinstance(m, FusedProjection)
+    ]
+    flops, seconds = 0.0, 0.0
+    with torch.no_grad():
+        for out_f, in_f in shapes:
+            w = torch.randn(out_f, in_f, dtype=dtype)
+            x, g = torch.randn(rows, in_f, dtype=dtype), torch.randn(rows, out_f, dtype=dtype)
+            for a, b in ((x, w.t()), (g, w)):
+                a @ b
+                times = []
+                for _ in range(reps):
+                    t = time.perf_counter()
+                    a @ b
+                    times.append(time.perf_counter() - t)
+                seconds += sorted(times)[reps // 2]
+                flops += 2 * rows * in_f * out_f
+    return flops / seconds
 
 
 class MaskedMeanPooler(torch.nn.Module):
@@ -430,6 +469,13 @@ def table(args, cfg, peak: float, ptune_res: dict, peft_res: dict) -> str:
     fa, fb = flops(ptune_res), flops(peft_res)
     lines.append(f"| {'train GFLOP/s':<26} | {fa / 1e9:>10.1f} | {fb / 1e9:>10.1f} | {fa / fb:>10.2f} |")
     lines.append(f"| {'fraction of matmul peak':<26} | {fa / peak:>10.1%} | {fb / peak:>10.1%} | {fa / fb:>10.2f} |")
+    ceiling = ptune_res["matmul_ceiling_flops"]
+    lines += [
+        "",
+        f"ptune's backbone matmuls alone, at its {ptune_res['rows_per_batch']} token rows per batch, run at "
+        f"{ceiling / 1e9:.1f} GFLOP/s = {ceiling / peak:.1%} of the peak: the ceiling of the training figure "
+        "for this model at these shapes.",
+    ]
     return "\n".join(lines)
 
 
@@ -451,13 +497,34 @@ def main(argv=None) -> None:
         Path(args.out).write_text(json.dumps(res))
         return
     peak = matmul_peak(args.precision, threads(args))
-    ptune_res = run_child(args, "ptune")
-    peft_res = run_child(args, "peft")
-    print(table(args, cfg, peak, ptune_res, peft_res))
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()] or [args.seed]
+    runs = []
+    for seed in seeds:
+        args.seed = seed
+        ptune_res = run_child(args, "ptune")
+        peft_res = run_child(args, "peft")
+        print(f"seed {seed}\n" + table(args, cfg, peak, ptune_res, peft_res) + "\n", flush=True)
+        runs.append({"seed": seed, "ptune": ptune_res, "peft": peft_res})
+    if len(runs) > 1:
+        print(seed_summary(runs))
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"args": vars(args), "matmul_peak_flops": peak, "ptune": ptune_res, "peft": peft_res}, indent=2)
-        )
+        Path(args.json).write_text(json.dumps({"args": vars(args), "matmul_peak_flops": peak, "runs": runs}, indent=2))
+
+
+def seed_summary(runs: list[dict]) -> str:
+    """Dev accuracy over seeds: a 0.5-point comparison on 872 examples needs more than one seed."""
+    import statistics
+
+    def stat(side: str) -> tuple[float, float]:
+        acc = [r[side]["accuracy"] for r in runs]
+        return statistics.mean(acc), statistics.stdev(acc)
+
+    (pm, ps), (fm, fs) = stat("ptune"), stat("peft")
+    per_seed = ", ".join(f"{r['seed']}: {r['ptune']['accuracy']:.4f} vs {r['peft']['accuracy']:.4f}" for r in runs)
+    return (
+        f"dev accuracy over {len(runs)} seeds (ptune vs PEFT: {per_seed}): ptune {pm:.4f} +- {ps:.4f}, "
+        f"PEFT {fm:.4f} +- {fs:.4f}, difference {100 * (pm - fm):+.2f} points"
+    )
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from ptune.batching import Encoded, collate
 from ptune.cli import compose
+from ptune.frozen import cast_frozen_linears
 from ptune.train import (
     attention_kernel,
-    cast_frozen_linears,
     compile_backbone,
     configure_threads,
     cpu_cores,
