@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .tuners.deep_attention import is_cross_attention
+
 # Sibling projections that read the same input in the families we support (BERT, Llama/Gemma/SmolLM, T5/mT5).
 FUSABLE_GROUPS: tuple[tuple[str, ...], ...] = (
     ("query", "key", "value"),
@@ -23,9 +25,6 @@ FUSABLE_GROUPS: tuple[tuple[str, ...], ...] = (
     ("gate_proj", "up_proj"),
     ("wi_0", "wi_1"),
 )
-# Attention modules whose query reads another sequence than their keys/values: fusing q with k/v would compute
-# each on both inputs.
-_CROSS_MARKERS = ("crossattention", "encdecattention", "encoder_attn", "cross_attn")
 
 
 def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
@@ -142,8 +141,9 @@ def fuse_projections(model: nn.Module) -> int:
     Call it after the model reached its device and dtype: the members' weights become views of the fused one.
     """
     fused = 0
-    for path, parent in list(model.named_modules()):
-        if any(marker in path.lower() for marker in _CROSS_MARKERS):
+    modules = dict(model.named_modules())
+    for path, parent in modules.items():  # a snapshot: fusing adds modules
+        if is_cross_attention(path, parent, modules):  # q reads another sequence than k/v: each would run on both
             continue
         children = dict(parent.named_children())
         for names in FUSABLE_GROUPS:

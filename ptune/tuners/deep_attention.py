@@ -92,25 +92,29 @@ class Site:
     cross: bool
 
 
+def is_cross_attention(name: str, mod: nn.Module, modules: dict[str, nn.Module]) -> bool:
+    """Whether the attention module ``name`` (``modules``: the model's named modules) attends to another sequence
+    (T5's EncDecAttention, BERT's BertCrossAttention, BART's encoder_attn)."""
+    parent = modules.get(name.rsplit(".", 1)[0]) if "." in name else None
+    return (
+        "Cross" in type(mod).__name__
+        or (parent is not None and "Cross" in type(parent).__name__)
+        or bool(getattr(mod, "is_cross_attention", False))
+        or name.endswith("crossattention")
+        or name.endswith("encoder_attn")
+    )
+
+
 def attention_sites(model: nn.Module) -> list[Site]:
     """Innermost modules named *Attention: the ones that call the attention function."""
     found = []
     modules = dict(model.named_modules())
     for name, mod in modules.items():
-        cls = type(mod).__name__
-        if not cls.endswith("Attention"):
+        if not type(mod).__name__.endswith("Attention"):
             continue
         if any(type(c).__name__.endswith("Attention") for c in mod.modules() if c is not mod):
             continue
-        parent = modules.get(name.rsplit(".", 1)[0]) if "." in name else None
-        cross = (
-            "Cross" in cls
-            or (parent is not None and "Cross" in type(parent).__name__)
-            or bool(getattr(mod, "is_cross_attention", False))
-            or name.endswith("crossattention")
-            or name.endswith("encoder_attn")
-        )
-        found.append((name, mod, cross))
+        found.append((name, mod, is_cross_attention(name, mod, modules)))
     sites = []
     for i, (name, mod, cross) in enumerate(found):
         mod._ptune_site = i
