@@ -96,7 +96,8 @@ class TrainerConfig:
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise PtuneError(
-                    f"trainer.{key}={getattr(self, key)!r} is not valid: use one of {', '.join(valid)}"
+                    f"trainer.{key}={getattr(self, key)!r} is not valid: use one of "
+                    + ", ".join(str(v).lower() if isinstance(v, bool) else v for v in valid)
                 )
 
 

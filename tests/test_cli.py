@@ -90,6 +90,7 @@ BAD_INPUTS = {
     "unknown experiment": (["+experiment=no_such_experiment"], "no_such_experiment"),
     "zero batch size": (["trainer.batch_size=0"], "batch_size"),
     "unknown method": (["method.name=lora"], "lora"),
+    "non-boolean switch": (["trainer.fuse_projections=maybe"], "use one of true, false"),
 }
 
 
