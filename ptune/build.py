@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,12 +10,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from .backbone import Backbone, load_backbone
 from .batching import Encoded
+from .config import BackboneConfig, TemplateConfig, section
 from .errors import PtuneError
+from .families import Family
 from .prompt_model import PromptModel
 from .readout import ClsHead, VerbalizerReadout
 from .template import TemplateRenderer, parse_template
 from .token_cache import render_split
-from .tuners import DEEP_METHODS, MethodConfig, TunerContext, build_tuner, method_config
+from .tuners import MethodConfig, TunerContext, build_tuner, method_config, soft_token_methods, tuner_class
 from .tuners import deep_attention as da
 from .tuners.base import SiteShape
 from .verbalizer import Verbalizer, build_verbalizer
@@ -37,92 +38,69 @@ def as_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
-def readout_kind(template_cfg: Mapping) -> str:
-    kind = template_cfg.get("readout", "verbalizer")
-    if kind not in ("verbalizer", "head"):
-        raise PtuneError(f"template.readout={kind!r} is not valid: use verbalizer or head")
-    return kind
-
-
 def build_task(cfg: DictConfig, label_names: list[str], seed: int, backbone: Backbone | None = None) -> Task:
     """``backbone``: an already loaded one to reuse (multi-prompt serving shares one across checkpoints)."""
     method = method_config(as_dict(cfg.method))
-    tcfg = as_dict(cfg.template)
-    kind = readout_kind(tcfg)
+    tcfg: TemplateConfig = section(cfg, "template")
+    bcfg: BackboneConfig = section(cfg, "backbone")
+    kind = tcfg.readout
     if backbone is None:
-        backbone = load_backbone(
-            str(cfg.backbone.name),
-            with_lm_head=kind == "verbalizer",
-            dtype=str(cfg.backbone.get("dtype", "float32")),
-        )
+        backbone = load_backbone(bcfg.name, with_lm_head=kind == "verbalizer", dtype=bcfg.dtype)
     family = backbone.family
+    tuner_cls = tuner_class(method)
     tok = backbone.tokenizer
-    if kind == "head" and family != "encoder":
+    if kind == "head" and not family.supports_head_readout:
         raise PtuneError(
             f"template.readout=head (a [CLS] linear head) needs an encoder backbone, but "
             f"{cfg.backbone.name!r} is {family}: use template.readout=verbalizer"
         )
-    if kind == "verbalizer" and family == "encoder" and not backbone.has_lm_head:
+    if kind == "verbalizer" and family.head_optional and not backbone.has_lm_head:
         raise PtuneError(
             f"backbone {cfg.backbone.name!r} has no MLM head, so a verbalizer cannot read it: use "
             "template.readout=head or a backbone with an MLM head (e.g. backbone=cassette_bert)"
         )
-    answer_mode = (
-        "none" if kind == "head" else {"encoder": "mask", "causal": "end", "seq2seq": "drop"}[family]
-    )
-    template = parse_template(str(tcfg.get("text", "")))
-    if method.name in DEEP_METHODS and any(s.kind == "soft" for s in template.segments):
+    answer_mode = "none" if kind == "head" else family.answer_mode
+    template = parse_template(tcfg.text)
+    if not tuner_cls.uses_soft_tokens and any(s.kind == "soft" for s in template.segments):
+        suggest = " or ".join(f"method={name}" for name in soft_token_methods())
         raise PtuneError(
             f"template {template.source!r} has soft tokens, which method {method.name} does not use: "
-            "use method=soft_prompt or method=ptuning_v1, or remove the {soft} placeholders"
+            f"use {suggest}, or remove the {{soft}} placeholders"
         )
-    truncate = tcfg.get("truncate", "tail")
-    if truncate not in ("head", "tail"):
-        raise PtuneError(f"template.truncate={truncate!r} is not valid: use tail (cut the end) or head")
     renderer = TemplateRenderer(
         template,
         tok,
         answer_mode,
-        max_length=max_input_length(backbone, int(cfg.backbone.get("max_length", 256))),
-        prepend_soft=0 if method.name in DEEP_METHODS else method.prompt_length,
-        truncate_side=truncate,
+        max_length=max_input_length(backbone, bcfg.max_length),
+        prepend_soft=method.prompt_length if tuner_cls.uses_soft_tokens else 0,
+        truncate_side=tcfg.truncate,
     )
     verbalizer = None
-    calibrate = tcfg.get("calibrate", False)
-    if not isinstance(calibrate, bool) or (calibrate and kind != "verbalizer"):
-        raise PtuneError(
-            f"template.calibrate={calibrate!r} is not valid: contextual calibration is true/false and needs "
-            "template.readout=verbalizer"
-        )
     if kind == "verbalizer":
-        words = tcfg.get("label_words")
-        if not words:
-            raise PtuneError("template.label_words is empty: map every class to one or more label words")
-        if tcfg.get("multi_token") == "full" and family == "encoder":
+        if tcfg.multi_token == "full" and not family.generates_answer:
             raise PtuneError(
                 "template.multi_token=full (whole-word log-likelihood) needs a causal or seq2seq backbone; "
                 "an MLM reads the single [MASK] slot: use multi_token=first or mean"
             )
         verbalizer = build_verbalizer(
-            words,
+            tcfg.label_words,
             label_names,
             tok,
-            leading_space=family != "encoder" and template.text_before_mask().endswith(" "),
-            multi_token=tcfg.get("multi_token", "first"),
+            leading_space=family.generates_answer and template.text_before_mask().endswith(" "),
+            multi_token=tcfg.multi_token,
         )
         readout: torch.nn.Module = VerbalizerReadout(verbalizer)
     else:
         hidden = backbone.model.get_input_embeddings().embedding_dim
-        readout = ClsHead(
-            hidden, len(label_names), tcfg.get("pooling", "cls"), float(tcfg.get("head_dropout", 0.1))
-        )
+        readout = ClsHead(hidden, len(label_names), tcfg.pooling, tcfg.head_dropout)
     model = backbone.model
     sites: list[SiteShape] = []
     site_init = None
-    lead = renderer.leading_soft() if family == "causal" and method.name not in DEEP_METHODS else 0
-    if method.name in DEEP_METHODS or lead:
+    # soft tokens that open every input of a causal LM are computed once per batch (PromptModel.share_prefix)
+    lead = renderer.leading_soft() if family.causal_attention and not tuner_cls.is_deep else 0
+    if tuner_cls.is_deep or lead:
         da.enable(model)  # deep prompts, or a causal LM's shared soft-prompt prefix, go through ptune_sdpa
-    if method.name in DEEP_METHODS:
+    if tuner_cls.is_deep:
         sites, site_init = _probe_sites(model, family, tok, seed)
     torch.manual_seed(seed)
     ctx = TunerContext(
@@ -139,25 +117,21 @@ def build_task(cfg: DictConfig, label_names: list[str], seed: int, backbone: Bac
     tuner = build_tuner(method, ctx, tok, seed)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     prompt_model = PromptModel(model, family, tuner, readout, pad_id, (len(renderer.prefix_ids) + lead, lead))
-    return Task(prompt_model, backbone, renderer, verbalizer, list(label_names), method, family == "causal")
+    return Task(prompt_model, backbone, renderer, verbalizer, list(label_names), method, family.left_pad)
 
 
 def max_input_length(backbone: Backbone, configured: int) -> int:
-    if configured <= 0:
-        raise PtuneError(f"backbone.max_length={configured} must be > 0")
+    """``backbone.max_length`` (checked by BackboneConfig) capped by the model's position limit."""
     limit = getattr(backbone.model.config, "max_position_embeddings", None) or configured
     return min(configured, int(limit))
 
 
-def _probe_sites(model, family: str, tok, seed: int):
+def _probe_sites(model, family: Family, tok, seed: int):
     """Run the frozen backbone once to learn each attention site's key/value shape; offer real-token init."""
 
     def run(ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         with torch.no_grad(), da.recording() as rec:
-            if family == "seq2seq":
-                model(input_ids=ids, decoder_input_ids=ids)
-            else:
-                model(input_ids=ids)
+            model(**family.probe_inputs(ids))
         return rec
 
     special = set(tok.all_special_ids)

@@ -8,19 +8,12 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import PtuneError
+from . import config, runfolder
+from .config import compose, config_dir
+from .errors import PtuneError, one_line
 from .show import show_template_main
 
 EXIT_USER_ERROR = 2
-
-
-def config_dir() -> Path:
-    """The conf/ tree: beside the package in a source checkout, or shipped inside it."""
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "conf", here / "conf"):
-        if (cand / "config.yaml").is_file():
-            return cand
-    raise PtuneError("cannot find ptune's conf/ folder next to the package")
 
 
 def fail(message: str) -> None:
@@ -37,35 +30,9 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore")
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def compose(overrides: list[str]):
-    """Compose the config as Hydra would, to validate a single run's overrides before starting it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
-
-
-def _discard_failed_run(out: Path) -> None:
-    """A run that failed before saving any checkpoint leaves nothing behind but Hydra's bookkeeping."""
-    import shutil
-
-    if out.is_dir() and not (out / "checkpoint").exists():
-        shutil.rmtree(out, ignore_errors=True)
-        parent = out.parent
-        if parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
-
-
 def resume_run(argv: list[str]) -> None:
     """`ptune train --resume RUN_DIR`: continue a killed run in place with the config it started with."""
-    from omegaconf import OmegaConf
-
+    from .checkpoint import load_plain_yaml
     from .train import run_training
 
     if len(argv) != 1:
@@ -74,10 +41,62 @@ def resume_run(argv: list[str]) -> None:
     saved = run / ".hydra" / "config.yaml"
     if not saved.is_file():
         fail(f"{str(run)!r} is not a ptune run folder (no .hydra/config.yaml)")
-    cfg = OmegaConf.load(saved)
+    cfg = load_plain_yaml(saved, interpolation=True)
     cfg.trainer.resume = True
-    results = run_training(cfg, run)
+    folder = runfolder.RunFolder.survey(run)
+    try:
+        results = run_training(cfg, run)
+    except PtuneError:
+        folder.undo()
+        raise
     print(f"done: {results['metric']} {results['best_metric']:.4f} (step {results['best_step']}); run folder {run}")
+
+
+def _run_dir_override(argv: list[str], run_dir: str) -> list[str]:
+    """Pin Hydra's run folder to the one checked before the start (its ${now:} would otherwise be re-resolved)."""
+    kept = [a for a in argv if not a.lstrip("+").startswith("hydra.run.dir=")]
+    return [*kept, f"hydra.run.dir={run_dir}"]
+
+
+def preflight(cfg) -> runfolder.RunFolder:
+    """Check a single run's folder before Hydra writes into it: writable, not held by a live run, not holding a
+    run already (unless resuming it, and then not a finished one). Returns what existed there before."""
+    from omegaconf import OmegaConf
+
+    run_dir = Path(str(OmegaConf.select(cfg, "hydra.run.dir")))
+    runfolder.check_writable(run_dir)
+    folder = runfolder.RunFolder.survey(run_dir)
+    holder = runfolder.holder_of(run_dir)
+    if holder:
+        raise PtuneError(
+            f"run folder {str(run_dir)!r} is in use by another ptune run ({holder}): wait for it to end, "
+            "or choose another hydra.run.dir"
+        )
+    resume = OmegaConf.select(cfg, "trainer.resume") is True
+    found = folder.has_run()
+    if found and not resume:
+        raise PtuneError(
+            f"hydra.run.dir={str(run_dir)!r} already holds a run ({found}): choose a new folder, or continue it "
+            f"with `ptune train --resume {run_dir}`"
+        )
+    if resume and "results.json" in folder.entries_before and "resume" not in folder.entries_before:
+        raise PtuneError(f"run {str(run_dir)!r} is finished (results.json): nothing to resume, nothing changed")
+    return folder
+
+
+def pin_sweep_dir(argv: list[str]) -> str | None:
+    """The sweep folder a multirun will use, resolved once so that ptune can read its jobs' outcome afterwards
+    (Hydra composes it from the overrides that are not sweeps, as done here). None when it cannot be told."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    plain = [a for a in argv if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(plain)
+        cfg = compose([a for a, o in zip(plain, parsed, strict=True) if not o.is_sweep_override()])
+        return str(OmegaConf.select(cfg, "hydra.sweep.dir"))
+    except Exception:  # noqa: BLE001 - Hydra reports bad overrides itself when the sweep starts
+        return None
 
 
 def train_main(argv: list[str]) -> None:
@@ -88,12 +107,24 @@ def train_main(argv: list[str]) -> None:
     if argv[:1] == ["--resume"]:
         resume_run(argv[1:])
         return
-    multirun = any(a in ("-m", "--multirun") for a in argv)
+    from . import distributed
+
+    argv = distributed.hydra_overrides(argv)  # under torchrun: one shared run folder, rank 0 writes
+    multirun = any(a in ("-m", "--multirun") or a.lstrip("+") == "hydra.mode=MULTIRUN" for a in argv)
+    folder: runfolder.RunFolder | None = None
+    sweep_dir = pin_sweep_dir(argv) if multirun else None
+    if sweep_dir is not None:
+        argv = [*(a for a in argv if not a.lstrip("+").startswith("hydra.sweep.dir=")), f"hydra.sweep.dir={sweep_dir}"]
     if not multirun and not any(a.startswith("-") for a in argv):
         try:
-            compose(argv)
+            composed = compose(argv)
         except Exception as exc:  # noqa: BLE001 - Hydra raises many types for bad overrides
-            fail(_one_line(exc))
+            fail(config.explain_composition_error(exc))
+        config.validate(composed)  # every group's values, before anything is written
+        if os.environ.get("RANK", "0") == "0":
+            folder = preflight(composed)
+            argv = _run_dir_override(argv, str(folder.path))
+            runfolder.acquire(folder.path)  # held from before Hydra writes .hydra/ until this process ends
 
     @hydra.main(config_path=str(config_dir()), config_name="config", version_base=None)
     def _run(cfg: DictConfig) -> float | None:
@@ -107,16 +138,16 @@ def train_main(argv: list[str]) -> None:
                 print(f"ptune: job {out} failed: {exc}", file=sys.stderr)
                 (out / "FAILED").write_text(str(exc) + "\n")
                 return None
-            if os.environ.get("RANK", "0") == "0":
-                _discard_failed_run(out)
+            if folder is not None and not (out / "checkpoint").exists():
+                folder.undo(extra_names=(f"{HydraConfig.get().job.name}.log",))
             fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - in a sweep any crash fails only its own job
             if not multirun:
                 raise
             import traceback
 
-            print(f"ptune: job {out} failed: {_one_line(exc)}", file=sys.stderr)
-            (out / "FAILED").write_text(f"{type(exc).__name__}: {_one_line(exc)}\n\n{traceback.format_exc()}")
+            print(f"ptune: job {out} failed: {one_line(exc)}", file=sys.stderr)
+            (out / "FAILED").write_text(f"{type(exc).__name__}: {one_line(exc)}\n\n{traceback.format_exc()}")
             return None
         if os.environ.get("RANK", "0") == "0":
             print(
@@ -125,21 +156,16 @@ def train_main(argv: list[str]) -> None:
             )
         return results["best_metric"]
 
-    from . import distributed
-
-    argv = distributed.hydra_overrides(argv)  # under torchrun: one shared run folder, rank 0 writes
+    config.register()
     sys.argv = ["ptune train", *argv]
     _run()
     distributed.cleanup()
-    if multirun:
-        from .report import LAST_SWEEP
+    if sweep_dir is not None and Path(sweep_dir).is_dir():
+        from .report import sweep_outcome
 
-        if LAST_SWEEP.get("failed"):
-            print(
-                f"ptune: {LAST_SWEEP['failed']} of {LAST_SWEEP['failed'] + LAST_SWEEP['finished']} jobs failed "
-                f"(see {LAST_SWEEP['dir']}/summary.md)",
-                file=sys.stderr,
-            )
+        failed, finished = sweep_outcome(Path(sweep_dir))
+        if failed:
+            print(f"ptune: {failed} of {failed + finished} jobs failed (see {sweep_dir}/summary.md)", file=sys.stderr)
             raise SystemExit(1)
 
 
@@ -151,8 +177,9 @@ def eval_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     paths = [p for p in args.paths if "=" not in p]
     overrides = [p for p in args.paths if "=" in p]
-    # dataset.split=NAME picks the split to evaluate (not a key of the saved config, so add it)
-    overrides = [f"+{o}" if o.startswith("dataset.split=") else o for o in overrides]
+    # dataset.split=NAME picks the split to evaluate (the config's dataset.eval_split)
+    overrides = [o.replace("dataset.split=", "dataset.eval_split=", 1) if o.startswith("dataset.split=") else o
+                 for o in overrides]
     if not paths:
         fail("ptune eval needs at least one checkpoint path")
     from .inference import evaluate_checkpoint, print_eval_table

@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import atomic_folder
 from .errors import PtuneError
 from .template import SOFT_ID
 
@@ -115,18 +113,6 @@ def _soft_layout(task) -> int:
     return lead
 
 
-def _task_type(task) -> str:
-    from .readout import ClsHead
-
-    if task.model.family == "causal":
-        return "CAUSAL_LM"
-    if task.model.family == "seq2seq":
-        return "SEQ_2_SEQ_LM"
-    if isinstance(task.model.readout, ClsHead):
-        return "FEATURE_EXTRACTION"  # hidden states; the head is exported beside the adapter
-    return "FEATURE_EXTRACTION"  # an MLM: PEFT has no masked-LM task; this one returns the MLM's logits
-
-
 def _readout_info(task, out: Path) -> dict[str, Any]:
     from safetensors.torch import save_file
 
@@ -163,25 +149,18 @@ def _class_scores(task, logits_or_hidden: torch.Tensor, answer_pos: int) -> torc
     from .readout import ClsHead
 
     model = task.model
-    if isinstance(model.readout, ClsHead):
+    if isinstance(model.readout, ClsHead):  # hidden states; the head is exported beside the adapter
         h = logits_or_hidden
         return model.readout(h, torch.ones(h.shape[:2], dtype=torch.long, device=h.device))
-    if model.family == "seq2seq":
-        return model.readout(logits_or_hidden[:, 0])
-    row = logits_or_hidden[:, answer_pos]
-    if model.family == "causal":
-        ids = model.readout.verbalizer.flat_ids.to(row.device)
-        return model.readout(row[:, ids], ids)
-    return model.readout(row)
+    row = logits_or_hidden[:, model.family.output_answer_index(answer_pos)]
+    ids = model.answer_ids(row.device)
+    return model.readout(row if ids is None else row[:, ids], ids)
 
 
 def _peft_forward(peft_model, task, ids: list[int], drop: int) -> torch.Tensor:
     inp = torch.tensor([[t for t in ids[drop:] if t != SOFT_ID]])
-    kwargs = {"input_ids": inp, "attention_mask": torch.ones_like(inp)}
-    if task.model.family == "seq2seq":
-        start = task.model.backbone.config.decoder_start_token_id or 0
-        kwargs["decoder_input_ids"] = torch.tensor([[start]])
-    out = peft_model(**kwargs)
+    extra = task.model.family.forward_inputs(task.model.backbone, 1, inp.device)
+    out = peft_model(input_ids=inp, attention_mask=torch.ones_like(inp), **extra)
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
 
 
@@ -209,13 +188,12 @@ def export_peft(path: str | Path, output: str | Path, overrides: list[str] | Non
 
     task, cfg, ckpt, meta = load_task(path, overrides or [])
     model = task.model.cpu().eval()
-    state = model.tuner.export_state()
     backbone = model.backbone
     out = Path(output)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "ptune_export.json").exists())):
         raise PtuneError(f"output {str(out)!r} exists and is not an empty folder or an earlier ptune export")
     common = dict(
-        task_type=_task_type(task),
+        task_type=model.family.peft_task_type,
         base_model_name_or_path=str(task.backbone.identity.get("name_or_path") or cfg.backbone.name),
         inference_mode=True,
     )
@@ -227,14 +205,10 @@ def export_peft(path: str | Path, output: str | Path, overrides: list[str] | Non
         "backbone": meta.get("backbone", {}),
         "label_names": task.label_names,
         "template": task.renderer.template.source,
-        "answer": {
-            "encoder": "logits at the [MASK] position",
-            "causal": "next-token logits at the last position",
-            "seq2seq": "first decoder step's logits",
-        }[model.family],
+        "answer": model.family.answer_description,
     }
-    if "soft_prompt" in state:
-        vectors = state["soft_prompt"].float()
+    if model.tuner.peft_type == "PROMPT_TUNING":
+        vectors = model.tuner.peft_prompt().float()
         if vectors.shape[0] == 0:
             raise PtuneError(
                 "this checkpoint has no soft tokens to export (prompt_length 0, no {soft} in the template)"
@@ -262,9 +236,9 @@ def export_peft(path: str | Path, output: str | Path, overrides: list[str] | Non
             "drop_leading_token_ids (their embeddings are the first virtual tokens), then call the PEFT model; "
             "outputs include the virtual positions, so the answer index is unchanged",
         )
-    elif "deep_prefix" in state:
-        prefix = state["deep_prefix"].float()  # [sites, 2, heads, P, head_dim]
-        if model.family != "causal":
+    elif model.tuner.peft_type == "PREFIX_TUNING":
+        prefix = model.tuner.peft_prompt().float()  # [sites, 2, heads, P, head_dim]
+        if not model.family.peft_prefix_export:
             raise PtuneError(
                 f"deep prompts on an {model.family} backbone cannot be exported to PEFT: PEFT prefix tuning shifts the "
                 "input positions behind its cached prefix (and for encoder-decoders routes the prefix differently); "
@@ -307,9 +281,12 @@ def export_peft(path: str | Path, output: str | Path, overrides: list[str] | Non
     else:
         raise PtuneError(f"method {task.method.name} has no exportable prompt tensors")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    if out.exists() and not (out / "ptune_export.json").is_file():
+        raise PtuneError(
+            f"--output {str(out)!r} already exists and is not a ptune export: name a new folder "
+            "(ptune replaces only its own earlier exports)"
+        )
+    with atomic_folder(out) as tmp:
         config.save_pretrained(str(tmp))
         save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         info["readout"] = _readout_info(task, tmp)
@@ -324,12 +301,6 @@ def export_peft(path: str | Path, output: str | Path, overrides: list[str] | Non
                     f"{why}; not exported"
                 )
         (tmp / "ptune_export.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .quantize import is_quantized
 from .tuners.deep_attention import is_cross_attention
 
 # Sibling projections that read the same input in the families we support (BERT, Llama/Gemma/SmolLM, T5/mT5).
@@ -35,6 +36,8 @@ def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
     inputs anyway, so the numbers are the same. Weights shared with another module (an LM head tied to the
     embedding table, whose lookup autocast leaves in fp32) are left alone.
 
+    Quantised weights (``backbone.quantize``) are left as they are: casting one would dequantise it.
+
     Loaded weights are views of the memory-mapped safetensors file, which stays mapped (and resident) while any
     of them lives; the other frozen tensors are copied out of it so the fp32 originals are really released.
     """
@@ -47,13 +50,13 @@ def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
         if not isinstance(m, nn.Linear):
             continue
         for p in m.parameters(recurse=False):
-            if not p.requires_grad and p.dtype == torch.float32 and owners[id(p)] == 1:
+            if not p.requires_grad and p.dtype == torch.float32 and owners[id(p)] == 1 and not is_quantized(p):
                 p.data = p.data.to(dtype)
                 cast.add(id(p))
     if cast:
         with torch.no_grad():
             for p in model.parameters():
-                if id(p) not in cast and not p.requires_grad:
+                if id(p) not in cast and not p.requires_grad and not is_quantized(p):
                     p.data = p.data.clone()
             for m in model.modules():
                 for name, b in m._buffers.items():
@@ -121,7 +124,7 @@ class ProjectionSlice(nn.Module):
 
 
 def _fusable(linears: list[nn.Module]) -> bool:
-    if not all(type(m) is nn.Linear for m in linears):
+    if not all(type(m) is nn.Linear and not is_quantized(m.weight) for m in linears):
         return False
     first = linears[0]
     return all(

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from .atomic import atomic_write_json
 from .build import Task, build_task, encode
-from .checkpoint import atomic_write_json, find_checkpoint, load_trainable_state, read_checkpoint
-from .data import load_split
-from .errors import PtuneError
+from .checkpoint import find_checkpoint, load_trainable_state, read_checkpoint
+from .config import trainer_config
+from .data import Split, load_split, subsample
+from .errors import PtuneError, one_line
 from .evaluate import evaluate
 from .frozen import prepare_frozen_backbone
-from .train import pick_amp, pick_device, seed_everything, subsample, trainer_config
+from .runtime import pick_amp, pick_device, seed_everything
 
 IDENTITY_KEYS = ("model_type", "hidden_size", "num_layers", "vocab_size")
 
@@ -25,10 +29,23 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
                 raise PtuneError(
                     f"override {item!r} names no key of the saved config (prefix + to add a new key)"
                 )
-        OmegaConf.update(
-            cfg, key.lstrip("+"), OmegaConf.create({"v": value}).v if value else None, merge=True
-        )
+        OmegaConf.update(cfg, key.lstrip("+"), override_value(item) if value else None, merge=True)
     return cfg
+
+
+def override_value(item: str) -> Any:
+    """The value of ``key=value`` typed as ``ptune train`` types it (Hydra's override grammar): ``5`` is an int,
+    ``[a,b]`` a list. Wrapping the raw text in OmegaConf kept every value a string, so ``max_eval_samples=5``
+    reached the code as "5"."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        value = OverridesParser.create().parse_overrides([item])[0].value()
+    except Exception as exc:  # noqa: BLE001 - Hydra's grammar errors come in several types
+        raise PtuneError(f"override {item!r} is not valid: {one_line(exc)}") from None
+    if not isinstance(value, str | int | float | bool | list | dict | type(None)):
+        raise PtuneError(f"override {item!r} is a sweep or function: give one value")
+    return value
 
 
 def load_task(path: str | Path, overrides: list[str] | None = None) -> tuple[Task, DictConfig, Path, dict]:
@@ -60,23 +77,49 @@ def check_same_backbone(saved: dict, current: dict, where: Path) -> None:
         )
 
 
+def load_split_named_by_user(cfg: DictConfig, split_name: str) -> Split:
+    """The evaluation split, from data paths the user names now: a checkpoint's saved paths were blanked on load
+    (they could point anywhere), so data.root comes from an override or $PTUNE_DATA, files from overrides."""
+    root = cfg.data.get("root") or os.environ.get("PTUNE_DATA")
+    try:
+        return load_split(cfg.dataset, split_name, root)
+    except PtuneError as exc:
+        if "has no" in str(exc) and "_file set" in str(exc):
+            raise PtuneError(f"{exc}; ptune does not follow data paths stored in a checkpoint") from None
+        raise
+
+
 def evaluate_checkpoint(path: str | Path, overrides: list[str]) -> dict:
     task, cfg, ckpt, meta = load_task(path, overrides)
     tr = trainer_config(cfg)
     device = pick_device(tr.device)
     amp = pick_amp(tr.precision, device)
-    split_name = str(cfg.dataset.get("split", cfg.dataset.get("eval_split", "dev")))
-    split = load_split(cfg.dataset, split_name, cfg.data.get("root"))
+    split_name = str(cfg.dataset.get("eval_split", "dev"))
+    split = load_split_named_by_user(cfg, split_name)
     if split.label_names != task.label_names:
         raise PtuneError(f"data labels {split.label_names} differ from the checkpoint's {task.label_names}")
-    split = subsample(split, cfg.dataset.get("max_eval_samples"), 0)
+    split = subsample(split, cfg.dataset.get("max_eval_samples"), 0, "dataset.max_eval_samples")
     data = encode(task, split.examples, split.labels)
     task.model.to(device)
     prepare_frozen_backbone(task.backbone.model, amp, tr.cast_frozen_weights, tr.fuse_projections)
     res = evaluate(task.model, data, tr.eval_batch_size, device, amp, task.left_pad, len(task.label_names))
     out = {"checkpoint": str(ckpt), "split": split_name, "examples": len(data), **res}
-    atomic_write_json(ckpt.parent / "eval.json", out)
+    # printed first: evaluating may have taken long, and a full disk or read-only folder must not lose the result
+    print(metrics_line(out), flush=True)
+    target = ckpt.parent / "eval.json"
+    try:
+        atomic_write_json(target, out)
+    except (OSError, ValueError) as exc:  # ValueError: a NaN metric, which JSON cannot hold
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise PtuneError(
+            f"the metrics of {str(ckpt)!r} are printed above, but {str(target)!r} could not be written: {reason}"
+        ) from None
     return out
+
+
+def metrics_line(row: dict) -> str:
+    """The machine-readable line ``ptune eval`` prints per checkpoint (full precision, greppable)."""
+    return f"{row['checkpoint']}: accuracy={row['accuracy']:.6f} macro_f1={row['macro_f1']:.6f}"
 
 
 def print_eval_table(rows: list[dict]) -> None:
@@ -95,6 +138,4 @@ def print_eval_table(rows: list[dict]) -> None:
             f"{r['macro_f1']:.4f}",
             f"{r['eval_examples_per_s']:.1f}",
         )
-    Console().print(table)
-    for r in rows:
-        print(f"{r['checkpoint']}: accuracy={r['accuracy']:.6f} macro_f1={r['macro_f1']:.6f}")
+    Console().print(table)  # the per-checkpoint metrics lines were printed by evaluate_checkpoint

@@ -7,13 +7,17 @@ checkpoints share one backbone and the rows of different prompts are mixed in th
     {"index": 0, "checkpoint": "runs/a", "label": 1, "label_name": "positive",
      "probs": {"negative": 0.12, "positive": 0.88}}
 
-``probs`` is the softmax of the class scores (verbalizer scores or head logits).
+``probs`` is the softmax of the class scores (verbalizer scores or head logits). Output is strict JSON: when a
+checkpoint yields a non-finite score, that line has ``"label": null``, null probabilities and an ``"error"``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import stat
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,27 +25,70 @@ from typing import Any
 
 import torch
 
+from .data import builtin_columns
 from .errors import PtuneError
 
 
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Input objects, one per non-blank line. Only regular files are opened: a named pipe would block forever
+    and a device such as /dev/zero never ends, so each gets a true one-line refusal instead."""
     p = Path(path)
-    if not p.is_file():
-        raise PtuneError(f"input file {str(path)!r} does not exist")
+    where = f"input file {str(path)!r}"
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise PtuneError(f"{where} does not exist") from None
+    except OSError as exc:
+        raise PtuneError(f"{where} cannot be read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise PtuneError(f"{where} is a folder: give a JSONL file with one JSON object per line")
+    if not stat.S_ISREG(mode):
+        if os.path.realpath(p) == os.devnull:
+            raise PtuneError(f"{where} is empty (the null device): give a JSONL file with one JSON object per line")
+        raise PtuneError(f"{where} is {_file_kind(mode)}, not a regular file: save the input to a file first")
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise PtuneError(f"{where} cannot be read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise PtuneError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}): "
+            "ptune predict reads UTF-8 JSONL"
+        ) from None
     rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # '\n' only: JSON strings may hold U+2028 and the like
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise PtuneError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+            raise PtuneError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise PtuneError(f"{path}:{n}: JSON nested too deeply to read") from None
+        except ValueError:  # an integer longer than Python's 4300-digit conversion limit
+            raise PtuneError(f"{path}:{n}: holds a number too long to read (over 4300 digits)") from None
         if not isinstance(obj, dict):
             raise PtuneError(f'{path}:{n}: each line must be a JSON object such as {{"text_a": "..."}}')
         rows.append(obj)
     if not rows:
-        raise PtuneError(f"input file {str(path)!r} holds no JSON lines")
+        raise PtuneError(f"{where} is empty: it holds no JSON lines")
     return rows
+
 
 
 def _columns(prompt, name: str) -> list[str]:
@@ -50,14 +97,9 @@ def _columns(prompt, name: str) -> list[str]:
     fields = prompt.cfg.dataset.get("fields")
     if isinstance(fields, Mapping) and fields.get(name):
         cands.append(str(fields[name]))
-    try:  # built-in data sets (sst2: text_a -> sentence, cb: text_a -> premise, ...)
-        from .data import sources
-
-        spec = sources._BUILTINS.get(str(prompt.cfg.dataset.get("name")))
-        if spec is not None and name in spec.fields:
-            cands.append(spec.fields[name])
-    except (ImportError, AttributeError):
-        pass
+    builtin = builtin_columns(str(prompt.cfg.dataset.get("name")))  # sst2: text_a -> sentence, cb: -> premise
+    if name in builtin:
+        cands.append(builtin[name])
     return list(dict.fromkeys(cands))
 
 
@@ -118,6 +160,19 @@ def predict(
     for (i, _), n, s in zip(requests, owners, scores, strict=True):
         labels = server.prompts[i].label_names
         probs = torch.softmax(s.float(), -1).tolist()
+        if not all(math.isfinite(p) for p in probs):
+            # a NaN/Inf score has no argmax worth reporting, and NaN is not JSON: say "no prediction" with nulls
+            rows.append(
+                {
+                    "index": n,
+                    "checkpoint": names[i],
+                    "label": None,
+                    "label_name": None,
+                    "probs": dict.fromkeys(labels),
+                    "error": "non-finite class scores",
+                }
+            )
+            continue
         k = int(torch.argmax(s))
         rows.append(
             {
@@ -129,6 +184,22 @@ def predict(
             }
         )
     return rows
+
+
+def check_output_path(output: str) -> Path:
+    """Refuse an output path that cannot be written before any model is loaded or any input scored."""
+    path = Path(output)
+    parent = path.parent
+    if path.is_dir():
+        example = str(path / "predictions.jsonl")
+        raise PtuneError(f"--output {output!r} is a folder: give a file path such as {example!r}")
+    if not parent.exists():
+        raise PtuneError(f"--output {output!r}: folder {str(parent)!r} does not exist")
+    if not parent.is_dir():
+        raise PtuneError(f"--output {output!r}: {str(parent)!r} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PtuneError(f"--output {output!r}: folder {str(parent)!r} is not writable")
+    return path
 
 
 def predict_main(argv: list[str]) -> None:
@@ -150,11 +221,14 @@ def predict_main(argv: list[str]) -> None:
         raise PtuneError("ptune predict needs at least one checkpoint path")
     if args.batch_size <= 0:
         raise PtuneError(f"--batch-size {args.batch_size} must be > 0")
+    # input and output are checked before loading any model: a bad file should cost no waiting
+    output = check_output_path(args.output) if args.output else None
+    inputs = read_jsonl(args.input) if args.input is not None else []
     from .serving import PromptServer
 
     server = PromptServer(paths, overrides, device=args.device)
     if args.input is not None:
-        inputs, source = read_jsonl(args.input), str(args.input)
+        source = str(args.input)
     else:
         many = [p.name for p in server.prompts if len(p.fields) > 1]
         if many:
@@ -164,11 +238,19 @@ def predict_main(argv: list[str]) -> None:
         inputs = [{p.fields[0]: args.text for p in server.prompts}]
         source = "--text"
     rows = predict(paths, inputs, batch_size=args.batch_size, server=server, source=source)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    if args.output:
-        from .checkpoint import atomic_write_text
+    # allow_nan=False: predict() already maps non-finite scores to null; a NaN slipping through must fail here
+    # rather than write a line no strict JSON reader accepts
+    text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
+    bad = sum(1 for r in rows if r.get("error"))
+    if bad:
+        print(f"ptune: warning: {bad} of {len(rows)} predictions have non-finite scores (label null)", file=sys.stderr)
+    if output is not None:
+        from .atomic import atomic_write_text
 
-        atomic_write_text(Path(args.output), text)
+        try:
+            atomic_write_text(output, text)
+        except OSError as exc:
+            raise PtuneError(f"--output {args.output!r} could not be written: {exc.strerror or exc}") from None
         print(f"wrote {len(rows)} predictions to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)

@@ -5,18 +5,15 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator
-from typing import Literal
 
 import torch
 from torch import nn
 
-from .errors import PtuneError
+from .families import Family, position_ids
 from .readout import ClsHead, VerbalizerReadout, full_sequence_scores
 from .template import SOFT_ID
 from .tuners import Tuner
 from .tuners import deep_attention as da
-
-Family = Literal["encoder", "seq2seq", "causal"]
 
 
 class PromptModel(nn.Module):
@@ -40,21 +37,13 @@ class PromptModel(nn.Module):
         self.readout = readout
         self.pad_id = pad_id
         self.embeddings = model.get_input_embeddings()
-        body = model.get_encoder() if family == "seq2seq" else model.base_model
-        self._body = body
-        self._takes_positions = "position_ids" in inspect.signature(body.forward).parameters
-        self._lm_head = self._find_lm_head() if isinstance(readout, VerbalizerReadout) else None
-        self._softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.body = family.body(model)
+        self._takes_positions = "position_ids" in inspect.signature(self.body.forward).parameters
         self.shared_prefix = shared_prefix
-        self.share_prefix = family == "causal" and shared_prefix[1] > 0 and not tuner.is_deep and self._takes_positions
+        self.share_prefix = (
+            family.causal_attention and shared_prefix[1] > 0 and not tuner.is_deep and self._takes_positions
+        )
         self._prefix_kv: dict | None = None  # inside frozen_prompt(): shared-prefix keys/values per prefix
-
-    def _find_lm_head(self) -> nn.Module | None:
-        if self.family != "encoder":
-            return None
-        base = self.backbone.base_model
-        heads = [m for _, m in self.backbone.named_children() if m is not base]
-        return heads[0] if len(heads) == 1 else None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in list(self.tuner.parameters()) + list(self.readout.parameters()) if p.requires_grad]
@@ -90,24 +79,22 @@ class PromptModel(nn.Module):
             if split is not None:
                 return self._forward_shared_prefix(*split, answer_pos)
         embeds = self.embed(input_ids)
-        kwargs = {}
-        if self._takes_positions:
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         prefixes = self.tuner.deep_prefixes() if self.tuner.is_deep else None
         with da.prefixes(prefixes):
             if self._full_sequence_readout():
                 return full_sequence_scores(self, embeds, attention_mask, answer_pos)
-            if self.family == "seq2seq":
-                start = self.backbone.config.decoder_start_token_id or 0
-                dec = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device)
-                out = self.backbone(
-                    inputs_embeds=embeds, attention_mask=attention_mask, decoder_input_ids=dec
-                )
-                return self.readout(out.logits[:, 0])
-            hidden = self._body(
-                inputs_embeds=embeds, attention_mask=attention_mask, **kwargs
-            ).last_hidden_state
-        return self.read_out(hidden, attention_mask, answer_pos)
+            states = self.family.run(self, embeds, attention_mask)
+        return self.read_out(states, attention_mask, answer_pos)
+
+    def hidden_states(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The body's last hidden states; ``positions`` default to ones that skip padding (where the body takes
+        position ids at all)."""
+        kwargs = {}
+        if self._takes_positions:
+            kwargs["position_ids"] = position_ids(attention_mask) if positions is None else positions
+        return self.body(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
 
     def _full_sequence_readout(self) -> bool:
         return isinstance(self.readout, VerbalizerReadout) and self.readout.verbalizer.multi_token == "full"
@@ -148,10 +135,10 @@ class PromptModel(nn.Module):
         k, n_soft = self.shared_prefix
         vectors = self.tuner.soft_vectors()
         with da.recording(keep_grad=True) as kv:
-            self._body(
-                inputs_embeds=self.embed(prefix_ids, vectors[:n_soft]),
-                attention_mask=torch.ones_like(prefix_ids),
-                position_ids=torch.arange(k, device=prefix_ids.device)[None, :],
+            self.hidden_states(
+                self.embed(prefix_ids, vectors[:n_soft]),
+                torch.ones_like(prefix_ids),
+                torch.arange(k, device=prefix_ids.device)[None, :],
             )
         out = ([kv[i] for i in range(len(kv))], vectors)
         if cache is not None:
@@ -166,26 +153,17 @@ class PromptModel(nn.Module):
         k, n_soft = self.shared_prefix
         per_site, vectors = self._shared_prefix_kv(prefix_ids)
         embeds = self.embed(input_ids, vectors[n_soft:])  # soft tokens later in the template, if any
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + k
         with da.prefixes(per_site):
-            hidden = self._body(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions)
-        return self.read_out(hidden.last_hidden_state, attention_mask, answer_pos - k)
+            hidden = self.hidden_states(embeds, attention_mask, position_ids(attention_mask, offset=k))
+        return self.read_out(hidden, attention_mask, answer_pos - k)
 
-    def read_out(self, hidden: torch.Tensor, attention_mask: torch.Tensor, answer_pos: torch.Tensor) -> torch.Tensor:
-        """Class scores from the body's hidden states (encoder and causal families)."""
+    def read_out(self, states: torch.Tensor, attention_mask: torch.Tensor, answer_pos: torch.Tensor) -> torch.Tensor:
+        """Class scores from what ``family.run`` returned (hidden states, or a seq2seq model's answer logits)."""
         if isinstance(self.readout, ClsHead):
-            return self.readout(hidden, attention_mask)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        h = hidden[rows, answer_pos]
-        if self.family == "causal":
-            # Only the label words' rows of the LM head: Gemma's head alone has 168M weights.
-            head = self.backbone.get_output_embeddings()
-            ids = self.readout.verbalizer.flat_ids.to(h.device)
-            bias = head.bias[ids] if getattr(head, "bias", None) is not None else None
-            logits = torch.nn.functional.linear(h, head.weight[ids], bias)
-            if self._softcap:
-                logits = torch.tanh(logits / self._softcap) * self._softcap
-            return self.readout(logits, ids)
-        if self._lm_head is None:
-            raise PtuneError("no MLM head found on this backbone")
-        return self.readout(self._lm_head(h))
+            return self.readout(states, attention_mask)
+        ids = self.answer_ids(states.device)
+        return self.readout(self.family.answer_logits(self.backbone, states, answer_pos, ids), ids)
+
+    def answer_ids(self, device: torch.device) -> torch.Tensor | None:
+        """The vocabulary ids whose logits the verbalizer reads, where the family computes only those."""
+        return self.readout.verbalizer.flat_ids.to(device) if self.family.label_rows_only else None

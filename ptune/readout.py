@@ -29,9 +29,8 @@ class VerbalizerReadout(nn.Module):
 def full_sequence_scores(pm, embeds: torch.Tensor, attention_mask: torch.Tensor, answer_pos: torch.Tensor):
     """multi_token=full: class score = mean over the class's words of log p(all the word's tokens | prompt).
 
-    Teacher forcing, one row per (example, word): a causal LM gets the word's tokens written right after the
-    answer position (later tokens masked out; causal attention makes what follows irrelevant anyway), a
-    seq2seq model gets them as decoder input after the start token, with the encoder run once per example.
+    Teacher forcing, one row per (example, word): the family (``word_logits``) feeds each word's tokens after
+    the prompt (a causal LM after the answer position, a seq2seq decoder after its start token).
     ``pm`` is the PromptModel; call this inside its deep-prefix context.
     """
     verb = pm.readout.verbalizer
@@ -39,34 +38,7 @@ def full_sequence_scores(pm, embeds: torch.Tensor, attention_mask: torch.Tensor,
     dev, b, n = embeds.device, embeds.shape[0], c * w
     words = verb.token_ids.to(dev).view(n, t).repeat(b, 1)  # row i * n + j: example i, word j
     wmask = verb.token_mask.to(dev).view(n, t).repeat(b, 1)
-    if pm.family == "seq2seq":
-        from transformers.modeling_outputs import BaseModelOutput
-
-        enc = pm.backbone.get_encoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-        start = pm.backbone.config.decoder_start_token_id or 0
-        dec = torch.cat([torch.full_like(words[:, :1], start), words[:, :-1]], 1)
-        logits = pm.backbone(
-            encoder_outputs=BaseModelOutput(last_hidden_state=enc.repeat_interleave(n, 0)),
-            attention_mask=attention_mask.repeat_interleave(n, 0),
-            decoder_input_ids=dec,
-        ).logits
-    elif pm.family == "causal":
-        h = embeds.shape[-1]
-        e = torch.cat([embeds, embeds.new_zeros(b, t, h)], 1).repeat_interleave(n, 0)
-        m = torch.cat([attention_mask, attention_mask.new_zeros(b, t)], 1).repeat_interleave(n, 0)
-        ans = answer_pos.repeat_interleave(n, 0)[:, None]
-        slots = ans + 1 + torch.arange(t, device=dev)[None]  # where the word's tokens go
-        e = e.scatter(1, slots[..., None].expand(-1, -1, h), pm.embeddings(words).to(e.dtype))
-        cols = torch.arange(e.shape[1], device=dev)[None]
-        m = torch.where(cols <= ans, m, (cols <= ans + t).to(m.dtype))
-        kwargs = {"position_ids": (m.long().cumsum(-1) - 1).clamp(min=0)} if pm._takes_positions else {}
-        hidden = pm._body(inputs_embeds=e, attention_mask=m, **kwargs).last_hidden_state
-        hidden = hidden.gather(1, (slots - 1)[..., None].expand(-1, -1, hidden.shape[-1]))
-        logits = pm.backbone.get_output_embeddings()(hidden)
-        if pm._softcap:
-            logits = torch.tanh(logits / pm._softcap) * pm._softcap
-    else:
-        raise PtuneError("template.multi_token=full needs a causal or seq2seq backbone: use first or mean")
+    logits = pm.family.word_logits(pm, embeds, attention_mask, answer_pos, words, n)
     logp = torch.log_softmax(logits.float(), -1).gather(-1, words[..., None]).squeeze(-1)
     return pm.readout.from_word_scores((logp * wmask).sum(-1).view(b, c, w))
 

@@ -4,7 +4,9 @@ Runs are found by their ``results.json`` (recursively); the values a run was lau
 ``.hydra/overrides.yaml`` in its folder. Runs are grouped by every swept key except the seed (``trainer.seed``),
 plus method/backbone/dataset when those differ between runs; each group reports the selection metric's mean and
 sample standard deviation over its runs, the mean best step, trainable parameters, train/eval throughput, and the
-number of runs (and of failed jobs: folders holding a ``FAILED`` marker).
+number of runs (and of failed jobs: folders holding a ``FAILED`` marker). A ``results.json`` that is truncated,
+not JSON, not an object or missing numbers is skipped with one ``ptune: warning:`` line naming it; when no usable
+run is left, that is the one-line error. (``metrics.jsonl`` is not read by the report.)
 
 Writes, atomically, beside the runs: ``summary.csv`` (full precision), ``summary.md``, ``summary.png`` (metric
 against the swept numeric parameter, one line per remaining combination, e.g. per method/backbone); prints a rich
@@ -18,14 +20,13 @@ import csv
 import io
 import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_bytes, atomic_write_text
 from .errors import PtuneError
 
 SEED_KEYS = ("trainer.seed", "seed")
@@ -106,18 +107,64 @@ def _read_overrides(folder: Path) -> dict[str, Any]:
     return parse_overrides([str(x) for x in items or []])
 
 
-def collect_runs(root: Path) -> tuple[list[Run], list[Run]]:
-    """(finished runs, failed jobs) under ``root``."""
+NUMERIC_RESULTS = ("best_step", "trainable_params", "train_examples_per_s", "eval_examples_per_s")
+
+
+def results_problem(results: Any) -> str | None:
+    """Why a parsed results.json cannot be summarised (None if it can): the report does arithmetic on these
+    values, so a string or a nested object where a number belongs would otherwise crash it mid-way."""
+    if not isinstance(results, dict):
+        return f"holds a JSON {type(results).__name__}, not an object"
+    if "best_metric" not in results:
+        return "has no best_metric"
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    if not number(results["best_metric"]):
+        return f"best_metric is {_short(results['best_metric'])}, not a number"
+    for key in NUMERIC_RESULTS:
+        if results.get(key) is not None and not number(results[key]):
+            return f"{key} is {_short(results[key])}, not a number"
+    metrics = results.get("metrics")
+    if metrics is not None and (
+        not isinstance(metrics, dict) or not all(number(metrics.get(k)) for k in ("accuracy", "macro_f1"))
+    ):
+        return "metrics is not an object with numeric accuracy and macro_f1"
+    return None
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def collect_runs(root: Path, skipped: list[str] | None = None) -> tuple[list[Run], list[Run]]:
+    """(finished runs, failed jobs) under ``root``.
+
+    A results.json that cannot be read or summarised (truncated by a kill, edited by hand, not a ptune file)
+    is left out and described in ``skipped`` (one line each), so one bad run does not cost the whole report.
+    """
     runs, failed = [], []
     for res in sorted(root.rglob("results.json")):
         if _hidden(res, root):
             continue
         try:
             results = json.loads(res.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            problem = results_problem(results)
+        except OSError as exc:
+            problem = f"cannot be read ({exc.strerror or exc})"
+        except UnicodeDecodeError:
+            problem = "is not UTF-8 text"
+        except json.JSONDecodeError as exc:
+            problem = f"is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        except (ValueError, RecursionError):  # an integer of thousands of digits, nesting too deep
+            problem = "is not valid JSON (a number too long or nesting too deep)"
+        if problem is not None:
+            if skipped is not None:
+                skipped.append(f"{res} {problem}")
             continue
-        if isinstance(results, dict) and "best_metric" in results:
-            runs.append(Run(res.parent, results, _read_overrides(res.parent)))
+        runs.append(Run(res.parent, results, _read_overrides(res.parent)))
     for marker in sorted(root.rglob(FAILED)):
         if _hidden(marker, root) or (marker.parent / "results.json").is_file():
             continue
@@ -177,9 +224,15 @@ def _std(xs: list[float]) -> float:
 
 def summarise(root: Path) -> tuple[list[str], list[dict[str, Any]], list[Run]]:
     """(grouping keys, one row per group, failed jobs) for the runs under ``root``."""
-    runs, failed = collect_runs(root)
+    skipped: list[str] = []
+    runs, failed = collect_runs(root, skipped)
     if not runs and not failed:
+        if skipped:  # the only error line: the bad file is the reason there is nothing to report
+            more = f" (and {len(skipped) - 1} more unusable results.json)" if len(skipped) > 1 else ""
+            raise PtuneError(f"no usable runs under {str(root)!r}: {skipped[0]}{more}")
         raise PtuneError(f"no runs under {str(root)!r}: expected run folders holding results.json")
+    for line in skipped:
+        print(f"ptune: warning: skipping a run: {line}", file=sys.stderr)
     keys = grouping_keys(runs, failed)
     rows = []
     for g in group_runs(runs, failed, keys):
@@ -350,16 +403,12 @@ def plot(path: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
     ax.set_ylabel(f"{_metric_title(rows)} (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fig.savefig(buf, format="png", dpi=120)
     finally:
         plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def write_report(root: str | Path, *, print_it: bool = True) -> dict[str, Any]:
@@ -367,8 +416,6 @@ def write_report(root: str | Path, *, print_it: bool = True) -> dict[str, Any]:
     root = Path(root)
     if not root.is_dir():
         raise PtuneError(f"{str(root)!r} is not a folder")
-    from .checkpoint import atomic_write_text
-
     keys, rows, failed = summarise(root)
     atomic_write_text(root / "summary.csv", to_csv(keys, rows))
     atomic_write_text(root / "summary.md", to_markdown(root, keys, rows, failed))
@@ -405,19 +452,19 @@ except ImportError:  # pragma: no cover - hydra is a dependency
     _Callback = object  # type: ignore[assignment,misc]
 
 
-LAST_SWEEP: dict[str, Any] = {}  # the last report's sweep folder and job counts (`ptune train -m` exit code)
+def sweep_outcome(root: Path) -> tuple[int, int]:
+    """(failed, finished) jobs of a sweep folder: what `ptune train -m` exits on."""
+    runs, failed = collect_runs(Path(root), [])
+    return len(failed), len(runs)
 
 
 class SweepReport(_Callback):
     """Hydra callback: write the sweep's report when a multirun ends (failed jobs included)."""
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
-        LAST_SWEEP.clear()
         try:
             sweep_dir = Path(str(config.hydra.sweep.dir))
             if sweep_dir.is_dir():
-                summary = write_report(sweep_dir)
-                finished = sum(r["n_runs"] for r in summary["rows"])
-                LAST_SWEEP.update(dir=str(sweep_dir), failed=len(summary["failed"]), finished=finished)
+                write_report(sweep_dir)
         except Exception as exc:  # noqa: BLE001 - a report problem must not fail a finished sweep
             print(f"ptune: could not write the sweep report: {exc}", file=sys.stderr)

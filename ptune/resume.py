@@ -17,13 +17,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import atomic_folder
+from .atomic import atomic_folder, readable_folder
 from .errors import PtuneError
 
 STATE_DIR = "resume"
+CONFIG = "config.yaml"  # the config the state was trained with (Hydra rewrites .hydra/config.yaml at each start)
 
 
 @dataclass
@@ -61,7 +63,9 @@ def _restore_rng(data: dict[str, Any], rng: random.Random) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_state(out_dir: Path, model, opt, sched, scaler, rng: random.Random, loop: LoopState) -> None:
+def save_state(
+    out_dir: Path, model, opt, sched, scaler, rng: random.Random, loop: LoopState, cfg: DictConfig
+) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for prefix, module in (("tuner", model.tuner), ("readout", model.readout)):
         for k, v in module.state_dict().items():
@@ -90,6 +94,63 @@ def save_state(out_dir: Path, model, opt, sched, scaler, rng: random.Random, loo
     with atomic_folder(out_dir / STATE_DIR) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta) + "\n", encoding="utf-8")
+        (tmp / CONFIG).write_text(OmegaConf.to_yaml(_comparable(cfg)), encoding="utf-8")
+
+
+# Settings a resumed run may change: they take effect from the resumed step on, and the run folder's
+# .hydra/config.yaml records them. Every other difference from the state's config is refused.
+RESUMABLE_KEYS = (
+    "trainer.resume",
+    "trainer.max_steps",
+    "trainer.eval_every",
+    "trainer.log_every",
+    "trainer.save_every",
+    "trainer.eval_batch_size",
+    "trainer.early_stopping_patience",
+    "trainer.tensorboard",
+    "trainer.num_threads",
+    "trainer.device",
+    "data.root",
+)
+
+
+def _comparable(cfg: DictConfig) -> DictConfig:
+    """The resolved config without Hydra's own section."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    return OmegaConf.create(plain)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out |= _flatten(v, f"{prefix}{k}.")
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: value}
+
+
+def check_same_config(out_dir: Path, cfg: DictConfig) -> list[str]:
+    """Refuse a resume whose settings differ from those the saved state was trained with (they would be silently
+    ignored by the restored optimizer and schedule, or mix two set-ups in one run). Returns the resumable keys that
+    changed (they take effect), for the log."""
+    from .checkpoint import load_plain_yaml
+
+    folder = readable_folder(out_dir / STATE_DIR, CONFIG)
+    if folder is None:  # a state written before ptune saved its config: nothing to compare with
+        return []
+    saved = _flatten(OmegaConf.to_container(load_plain_yaml(folder / CONFIG)))
+    now = _flatten(OmegaConf.to_container(_comparable(cfg), resolve=True))
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k, "<unset>") != now.get(k, "<unset>"))
+    refused = [k for k in changed if k not in RESUMABLE_KEYS]
+    if refused:
+        shown = ", ".join(f"{k}={now.get(k, '<unset>')!r} (saved {saved.get(k, '<unset>')!r})" for k in refused[:6])
+        more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+        raise PtuneError(
+            f"resume keeps the settings the run started with, but these differ: {shown}{more}; drop them to resume, "
+            "or start a new run to change them"
+        )
+    return changed
 
 
 def clear_state(out_dir: Path) -> None:
@@ -98,13 +159,12 @@ def clear_state(out_dir: Path) -> None:
 
 
 def has_state(out_dir: Path) -> bool:
-    return (out_dir / STATE_DIR / "state.json").is_file() or (out_dir / f".{STATE_DIR}.old" / "state.json").is_file()
+    return readable_folder(out_dir / STATE_DIR, "state.json") is not None
 
 
 def load_state(out_dir: Path, model, opt, sched, scaler, rng: random.Random) -> LoopState:
-    folder = out_dir / STATE_DIR
-    if not (folder / "state.json").is_file():  # killed between the two renames: the previous state is intact
-        folder = out_dir / f".{STATE_DIR}.old"
+    # killed between the two renames of a save: the previous state is intact in .resume.old
+    folder = readable_folder(out_dir / STATE_DIR, "state.json") or out_dir / STATE_DIR
     try:
         meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         tensors = load_file(str(folder / "state.safetensors"))

@@ -25,15 +25,16 @@ from omegaconf import DictConfig
 
 from .backbone import Backbone, load_backbone
 from .batching import Encoded, collate, eval_batches
-from .build import Task, build_task, readout_kind
+from .build import Task, build_task
 from .checkpoint import find_checkpoint, load_trainable_state, read_checkpoint
+from .config import section, trainer_config
 from .errors import PtuneError
 from .evaluate import autocast
 from .frozen import prepare_frozen_backbone
 from .inference import apply_overrides, check_same_backbone, identity_mismatch
 from .prompt_model import PromptModel
 from .readout import VerbalizerReadout
-from .train import pick_amp, pick_device, seed_everything, trainer_config
+from .runtime import pick_amp, pick_device, seed_everything
 from .tuners import deep_attention as da
 
 
@@ -84,7 +85,7 @@ def load_prompts(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> 
                 f"checkpoints {first_name!r} and {name!r} use different backbone.dtype values: pass the same "
                 "backbone.dtype=... override for all of them"
             )
-    need_lm_head = any(readout_kind(cfg.template) == "verbalizer" for _, _, cfg, _, _ in loaded)
+    need_lm_head = any(section(cfg, "template").readout == "verbalizer" for _, _, cfg, _, _ in loaded)
     backbone = load_backbone(
         str(first_cfg.backbone.name),
         with_lm_head=need_lm_head,
@@ -203,9 +204,6 @@ class PromptServer:
         else:
             vectors = self.soft[pidx]
         embeds = base.embed(input_ids, vectors)
-        kwargs = {}
-        if base._takes_positions:
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         prefixes, keep = None, None
         lengths = {self.prefix_len[i] for i in set(pidx.tolist())}
         if self.deep is not None and lengths != {0}:
@@ -218,34 +216,24 @@ class PromptServer:
                 if len(lengths) > 1:
                     keep = self.keep[pidx, :p]
         with da.prefixes(prefixes, keep):
-            if base.family == "seq2seq":
-                start = base.backbone.config.decoder_start_token_id or 0
-                dec = torch.full((input_ids.shape[0], 1), start, dtype=torch.long, device=input_ids.device)
-                out = base.backbone(inputs_embeds=embeds, attention_mask=attention_mask, decoder_input_ids=dec)
-                hidden, vocab = None, out.logits[:, 0]
-            else:
-                hidden = base._body(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
-                vocab = None
+            states = base.family.run(base, embeds, attention_mask)
         used = sorted(set(pidx.tolist()))
-        mlm = [i for i in used if hidden is not None and base.family == "encoder" and self._verbalized(i)]
-        if mlm:  # one MLM-head call for every verbalizer row: its [vocab, H] weight is read once per batch
-            mlm_rows = torch.isin(pidx, torch.tensor(mlm, device=pidx.device)).nonzero().squeeze(1)
-            head = self.prompts[mlm[0]].task.model._lm_head
-            if head is None:
-                raise PtuneError("no MLM head found on this backbone")
-            vocab = head(hidden[mlm_rows, answer_pos[mlm_rows]])
+        # Where the family reads the whole vocabulary (MLM head, seq2seq decoder), one call covers every
+        # verbalizer row: the head's [vocab, H] weight is read once per batch.
+        shared = [] if base.family.label_rows_only else [i for i in used if self._verbalized(i)]
+        if shared:
+            vocab_rows = torch.isin(pidx, torch.tensor(shared, device=pidx.device)).nonzero().squeeze(1)
+            vocab = base.family.answer_logits(base.backbone, states[vocab_rows], answer_pos[vocab_rows], None)
             where = torch.full((len(pidx),), -1, dtype=torch.long, device=pidx.device)
-            where[mlm_rows] = torch.arange(len(mlm_rows), device=pidx.device)
+            where[vocab_rows] = torch.arange(len(vocab_rows), device=pidx.device)
         groups = []
         for i in used:
             rows = (pidx == i).nonzero().squeeze(1)
             model = self.prompts[i].task.model
-            if base.family == "seq2seq":
-                scores = model.readout(vocab[rows])
-            elif i in mlm:
+            if i in shared:
                 scores = model.readout(vocab[where[rows]])
             else:
-                scores = model.read_out(hidden[rows], attention_mask[rows], answer_pos[rows])
+                scores = model.read_out(states[rows], attention_mask[rows], answer_pos[rows])
             groups.append((rows, scores))
         return groups
 

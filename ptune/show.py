@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from .errors import PtuneError
+from .errors import PtuneError, one_line
 
 DEFAULT_N = 3
 _N_OVERRIDE = re.compile(r"^\+{0,2}show\.n=(.*)$")
@@ -123,12 +123,12 @@ def split_args(argv: list[str]) -> tuple[int, list[str]]:
 def load_config(overrides: list[str]):
     from omegaconf import OmegaConf
 
-    from .cli import _one_line, compose
+    from .config import compose
 
     try:
         cfg = compose(overrides)
     except Exception as exc:  # noqa: BLE001 - Hydra raises many types for bad overrides
-        raise PtuneError(_one_line(exc)) from None
+        raise PtuneError(one_line(exc)) from None
     OmegaConf.set_struct(cfg, False)
     cfg.pop("hydra", None)
     return cfg
@@ -136,8 +136,8 @@ def load_config(overrides: list[str]):
 
 def show_template_text(overrides: list[str], n: int = DEFAULT_N) -> str:
     from .build import build_task
-    from .data import k_shot, load_split
-    from .train import subsample, trainer_config
+    from .config import trainer_config
+    from .data import k_shot, load_split, subsample
 
     cfg = load_config(overrides)
     seed = trainer_config(cfg).seed

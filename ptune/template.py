@@ -16,6 +16,7 @@ from typing import Literal
 from .errors import PtuneError
 
 SOFT_ID = -100  # placeholder id for a soft-token position in rendered ids (replaced by embeddings)
+MAX_SOFT_TOKENS = 65536  # per {soft:N}: far above any backbone's maximum length; the renderer checks that too
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _SOFT = re.compile(r'^soft(?::(?:(\d+)|"([^"]*)"))?$')
@@ -75,9 +76,18 @@ def parse_template(source: str) -> Template:
                     raise PtuneError(f"template soft token {{{body}}} has empty init words")
                 segments.append(Segment("soft", soft.group(2), 0))  # count set from the tokenizer later
             else:
-                n = int(soft.group(1)) if soft.group(1) else 1
+                digits = soft.group(1) or "1"
+                # checked on the digits first: int() of thousands of digits raises, and a count in the millions
+                # would allocate per-token lists before the renderer can compare it with the maximum length
+                n = int(digits) if len(digits) <= len(str(MAX_SOFT_TOKENS)) else MAX_SOFT_TOKENS + 1
                 if n <= 0:
                     raise PtuneError(f"template soft token {{{body}}} must have a count >= 1")
+                if n > MAX_SOFT_TOKENS:
+                    shown = body if len(body) <= 40 else body[:40] + "..."
+                    raise PtuneError(
+                        f"template soft token {{{shown}}} asks for too many soft tokens: at most "
+                        f"{MAX_SOFT_TOKENS}, and they must fit the backbone's maximum length with the input"
+                    )
                 segments.append(Segment("soft", "", n))
         elif _FIELD.match(body):
             segments.append(Segment("field", body))
@@ -146,8 +156,14 @@ class TemplateRenderer:
                     f"template {self.template.source!r} must end with {{mask}} for a causal-LM verbalizer "
                     "(the answer is the next token)"
                 )
-        self.soft_init_ids = [None] * self.prepend_soft
         segments = self.template.segments
+        num_soft = self.prepend_soft + sum(s.count for s in segments if s.kind == "soft" and not s.value)
+        if num_soft >= self.max_length:  # before any per-token list is built: the count may be huge
+            raise PtuneError(
+                f"{num_soft} soft tokens (template {{soft:N}} placeholders and method.prompt_length) leave no "
+                f"room for the input within the backbone's maximum length {self.max_length}"
+            )
+        self.soft_init_ids = [None] * self.prepend_soft
         for i, seg in enumerate(segments):
             ids: list[int] = []
             if seg.kind == "text":

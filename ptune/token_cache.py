@@ -27,9 +27,9 @@ import tokenizers
 import transformers
 
 from . import __version__
-from .backbone import _cache_base
-from .checkpoint import atomic_write_bytes
-from .template import TemplateRenderer
+from .atomic import atomic_write_bytes
+from .backbone import cache_base
+from .template import SOFT_ID, TemplateRenderer
 
 CACHE_FORMAT = "ptune-tokens-1"  # bump when rendering changes in a way the key does not capture
 _CHUNK = 16384  # texts per batched tokenizer call: batched, but memory stays bounded on big splits
@@ -41,7 +41,7 @@ def cache_enabled() -> bool:
 
 
 def token_cache_dir() -> Path:
-    return _cache_base() / "tokens"
+    return cache_base() / "tokens"
 
 
 def render_split(renderer: TemplateRenderer, examples: list[dict[str, str]]) -> tuple[list[list[int]], list[int]]:
@@ -51,7 +51,7 @@ def render_split(renderer: TemplateRenderer, examples: list[dict[str, str]]) -> 
     if not cache_enabled() or not examples:
         return render_batched(renderer, examples)
     path = token_cache_dir() / f"{cache_key(renderer, examples)}.npz"
-    cached = _read(path, len(examples))
+    cached = _read(path, len(examples), len(renderer.tokenizer))
     if cached is not None:
         return cached
     ids, answers = render_batched(renderer, examples)
@@ -158,8 +158,13 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
-def _read(path: Path, n: int) -> tuple[list[list[int]], list[int]] | None:
-    """The cached entry, or None when it is missing, unreadable or does not fit ``n`` examples."""
+def _read(path: Path, n: int, vocab_size: int | None = None) -> tuple[list[list[int]], list[int]] | None:
+    """The cached entry, or None when it is missing, unreadable or does not fit ``n`` examples.
+
+    With ``vocab_size``, ids outside ``[0, vocab_size)`` (other than the soft-token placeholder) and answer
+    positions outside their row also mean a damaged entry: fed to the model, such an id would index past the
+    embedding table (an IndexError mid-run, or reading another row's memory on some kernels).
+    """
     try:
         with np.load(path, allow_pickle=False) as z:
             flat, offsets, answers = z["ids"], z["offsets"], z["answer_pos"]
@@ -175,6 +180,11 @@ def _read(path: Path, n: int) -> tuple[list[list[int]], list[int]] | None:
         or offsets[0] != 0
         or offsets[-1] != len(flat)
         or (np.diff(offsets) < 0).any()
+    ):
+        return None
+    if vocab_size is not None and (
+        ((flat >= vocab_size) | ((flat < 0) & (flat != SOFT_ID))).any()
+        or ((answers < -1) | (answers >= np.diff(offsets))).any()
     ):
         return None
     with _gc_paused():

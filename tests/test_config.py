@@ -8,8 +8,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from ptune.cli import compose, config_dir
+from ptune.config import trainer_config
 from ptune.errors import PtuneError
-from ptune.train import trainer_config
 from ptune.tuners import method_config
 
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))

@@ -16,7 +16,8 @@ def _train_and_eval(tmp_path, *args: str) -> tuple[dict, dict]:
     assert res.returncode == 0, res.stderr[-3000:]
     out = run_dir(tmp_path)
     results = json.loads((out / "results.json").read_text())
-    ev = ptune("eval", str(out), cwd=tmp_path)
+    named_data = [a for a in args if a.startswith("data.root=")]  # a checkpoint's data paths are not followed
+    ev = ptune("eval", str(out), *named_data, cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
     return results, json.loads((out / "eval.json").read_text())
 

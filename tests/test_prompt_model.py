@@ -188,7 +188,7 @@ def test_shared_prefix_runs_the_prompt_once(tiny_models):
     model = task.model
     _, b = batch(task)
     seen = []
-    hook = model._body.register_forward_pre_hook(
+    hook = model.body.register_forward_pre_hook(
         lambda _m, _a, kw: seen.append(tuple(kw["inputs_embeds"].shape[:2])), with_kwargs=True
     )
     try:
@@ -210,7 +210,7 @@ def test_evaluation_runs_the_shared_prefix_once_for_all_batches(tiny_models):
     enc, b = batch(task)
     k = task.model.shared_prefix[0]
     seen = []
-    hook = task.model._body.register_forward_pre_hook(
+    hook = task.model.body.register_forward_pre_hook(
         lambda _m, _a, kw: seen.append(tuple(kw["inputs_embeds"].shape[:2])), with_kwargs=True
     )
     try:

@@ -158,3 +158,15 @@ def test_plot_uses_a_log_axis_for_geometric_grids(tmp_path, monkeypatch):
     plot(tmp_path / "geo.png", ["method.prompt_length"], [{"method.prompt_length": n, **row} for n in (1, 4, 16, 64)])
     plot(tmp_path / "lin.png", ["trainer.lr"], [{"trainer.lr": x, **row} for x in (1, 2, 3)])
     assert scales == [["log"], ["linear"]]
+
+
+def test_hydra_mode_multirun_is_a_sweep_too(tiny_models, tiny_csv, tmp_path):
+    """`hydra.mode=MULTIRUN` (no -m) runs a sweep: a failing job is marked FAILED and the others still run (it
+    was once treated as a single run, and the first failure ended the whole sweep)."""
+    args = [o for o in csv_overrides(tiny_models, tiny_csv) if not o.startswith("method.prompt_length")]
+    res = ptune("train", "hydra.mode=MULTIRUN", *args, "method.prompt_length=-1,2", cwd=tmp_path)
+    assert res.returncode == 1, res.stderr
+    assert "1 of 2 jobs failed" in res.stderr
+    jobs = sorted((tmp_path / "outputs" / "multirun").glob("*/*/*"))
+    assert [(j / "FAILED").is_file() for j in jobs if j.is_dir()] == [True, False]
+    assert (jobs[1] / "results.json").is_file()

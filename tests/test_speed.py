@@ -13,13 +13,8 @@ from safetensors.torch import load_file
 from ptune.batching import Encoded, collate
 from ptune.cli import compose
 from ptune.frozen import cast_frozen_linears
-from ptune.train import (
-    attention_kernel,
-    compile_backbone,
-    configure_threads,
-    cpu_cores,
-    run_training,
-)
+from ptune.runtime import attention_kernel, compile_backbone, configure_threads, cpu_cores
+from ptune.train import run_training
 from ptune.tuners.ptuning_v2.model import split_sites
 
 from .helpers import batch, make_cfg, make_task
@@ -130,7 +125,7 @@ def test_compile_backbone_compiles_the_called_module(tiny_models, monkeypatch):
     calls = []
     for kind, method, family in (("bert", "ptuning_v2", "mlm"), ("t5", "soft_prompt", "seq2seq")):
         task = make_task(make_cfg(tiny_models[kind], method, family=family))
-        expected = task.model.backbone if family == "seq2seq" else task.model._body
+        expected = task.model.backbone if family == "seq2seq" else task.model.body
         monkeypatch.setattr(type(expected), "compile", lambda self, **kw: calls.append((self, kw)), raising=False)
         compile_backbone(task.model)
         assert calls[-1] == (expected, {"dynamic": True})

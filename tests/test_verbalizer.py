@@ -248,5 +248,5 @@ def test_training_saves_the_calibration_of_the_saved_prompt(tiny_models, tmp_pat
     assert torch.allclose(state["readout.calibration"], expected, atol=1e-5)
     from ptune.inference import evaluate_checkpoint
 
-    ev = evaluate_checkpoint(tmp_path / "run", [])
+    ev = evaluate_checkpoint(tmp_path / "run", [f"dataset.dev_file={tmp_path / 'd.csv'}"])
     assert abs(ev["accuracy"] - res["metrics"]["accuracy"]) < 1e-9

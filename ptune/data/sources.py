@@ -85,6 +85,13 @@ _INEWS_FIELDS = {"title": "title", "content": "content", "text_a": "title", "tex
 _INEWS_LABELS = ["positive", "neutral", "negative"]
 
 
+def builtin_columns(name: str) -> dict[str, str]:
+    """Example field -> column of the built-in data set ``name`` (empty for other data sets): where predict finds
+    a template field in an input written with the data set's own column names."""
+    spec = _BUILTINS.get(name)
+    return dict(spec.fields) if spec is not None else {}
+
+
 def load_split(dataset_cfg: Mapping, split: str, data_root: str | None) -> Split:
     """Load one split of the configured data set (sample caps are applied by the caller)."""
     cfg = _to_dict(dataset_cfg)
@@ -242,6 +249,14 @@ def _read_delimited(
     while rows and (not rows[0][1] or rows[0][1] == [""]):
         rows.pop(0)  # leading blank lines; the file has non-blank text, so a header row remains
     header = [c.strip() for c in rows[0][1]]
+    # a repeated name would silently read its first column; which one the user meant cannot be known
+    dupes = [c for i, c in enumerate(header) if c and c in header[:i]]
+    if dupes:
+        where = [i + 1 for i, c in enumerate(header) if c == dupes[0]]
+        raise PtuneError(
+            f"{path}: the header names column {dupes[0]!r} more than once (columns "
+            f"{', '.join(map(str, where))}): rename the duplicates so each column has its own name"
+        )
     needed = {**{col: f"dataset.fields.{f}" for f, col in fields.items()}, label_column: "dataset.label_column"}
     for column, role in needed.items():
         if column not in header:
@@ -387,12 +402,23 @@ def _load_user_file(name: str, cfg: dict[str, Any], split: str, data_root: str |
         )
     path = Path(str(raw_path)).expanduser()
     if not path.is_absolute():
-        base = Path(data_root).expanduser() if data_root else Path.cwd()
-        path = base / path
+        # data.root first (as before), then the current folder: data.root defaults to $PTUNE_DATA, and a user who
+        # set that for SST-2 and names `train.csv` beside them means the file they can see
+        candidates = [Path(data_root).expanduser() / path] if data_root else []
+        candidates.append(Path.cwd() / path)
+        found = next((c for c in candidates if c.exists()), None)
+        if found is None and len(candidates) > 1:
+            raise PtuneError(
+                f"data file not found: dataset.{key}={raw_path!r} is neither {candidates[0]} (under data.root) "
+                f"nor {candidates[1]} (under the current folder)"
+            )
+        path = found or candidates[0]
     if not path.exists():
         raise PtuneError(f"data file not found: {path} (dataset.{key}={raw_path!r})")
 
     fields = cfg.get("fields")
+    if isinstance(fields, Mapping):  # a field set to null (text_b: null ships in the schema) is not read
+        fields = {k: v for k, v in fields.items() if v is not None}
     if (
         not isinstance(fields, Mapping)
         or not fields

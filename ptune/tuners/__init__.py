@@ -1,4 +1,8 @@
-"""Prompt-tuning methods, one package each (config validated on creation + model)."""
+"""Prompt-tuning methods, one package each (config validated on creation + model), and their registry.
+
+A method describes itself through its ``Tuner`` class attributes (see ``Tuner``); adding one is its folder, one
+line in ``METHODS`` and one YAML file in conf/method/.
+"""
 
 from __future__ import annotations
 
@@ -6,34 +10,42 @@ from typing import Any
 
 from ..errors import PtuneError
 from .base import MethodConfig, Tuner, TunerContext
-from .prefix.config import PrefixConfig
 from .prefix.model import PrefixTuning
-from .ptuning_v1.config import PTuningV1Config
 from .ptuning_v1.model import PTuningV1
-from .ptuning_v2.config import PTuningV2Config
 from .ptuning_v2.model import PTuningV2
-from .soft_prompt.config import SoftPromptConfig
 from .soft_prompt.model import SoftPrompt
 
-METHODS: dict[str, tuple[type[MethodConfig], type[Tuner]]] = {
-    "soft_prompt": (SoftPromptConfig, SoftPrompt),
-    "ptuning_v1": (PTuningV1Config, PTuningV1),
-    "ptuning_v2": (PTuningV2Config, PTuningV2),
-    "prefix": (PrefixConfig, PrefixTuning),
+METHODS: dict[str, type[Tuner]] = {
+    tuner.config_class.name: tuner
+    for tuner in (
+        SoftPrompt,
+        PTuningV1,
+        PTuningV2,
+        PrefixTuning,
+    )
 }
-DEEP_METHODS = {"ptuning_v2", "prefix"}
 
 
 def method_config(cfg: dict[str, Any]) -> MethodConfig:
     name = cfg.get("name")
     if name not in METHODS:
         raise PtuneError(f"method.name={name!r} is not valid: use one of {', '.join(METHODS)}")
-    return METHODS[name][0].from_mapping(dict(cfg))
+    return METHODS[name].config_class.from_mapping(dict(cfg))
+
+
+def tuner_class(config: MethodConfig) -> type[Tuner]:
+    """The method's Tuner class: what it is (deep, soft tokens, ...) is known before the tuner is built."""
+    return METHODS[config.name]
+
+
+def soft_token_methods() -> list[str]:
+    """Names of the methods that fill {soft} template slots (for messages)."""
+    return [name for name, tuner in METHODS.items() if tuner.uses_soft_tokens]
 
 
 def build_tuner(config: MethodConfig, ctx: TunerContext, tokenizer, seed: int) -> Tuner:
     generator = torch_generator(seed)
-    return METHODS[config.name][1](config, ctx, tokenizer, generator)
+    return tuner_class(config)(config, ctx, tokenizer, generator)
 
 
 def torch_generator(seed: int):
@@ -42,4 +54,13 @@ def torch_generator(seed: int):
     return torch.Generator().manual_seed(seed)
 
 
-__all__ = ["DEEP_METHODS", "METHODS", "MethodConfig", "Tuner", "TunerContext", "build_tuner", "method_config"]
+__all__ = [
+    "METHODS",
+    "MethodConfig",
+    "Tuner",
+    "TunerContext",
+    "build_tuner",
+    "method_config",
+    "soft_token_methods",
+    "tuner_class",
+]

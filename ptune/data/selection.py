@@ -1,0 +1,53 @@
+"""Which examples a run uses: the train and evaluation splits of a config, seeded subsets and k-shot samples."""
+
+from __future__ import annotations
+
+import random
+
+from omegaconf import DictConfig
+
+from ..errors import PtuneError
+from .sources import Split, k_shot, load_split
+
+
+def sample_limit(value: object, key: str) -> int | None:
+    """A ``dataset.max_*_samples`` value: an integer >= 1, or None for all.
+
+    Checked before any data is read; ``-1`` or ``0`` used to mean "all" silently, which hid typos.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise PtuneError(f"{key}={value!r} must be an integer >= 1, or null for all examples")
+    return value
+
+
+def subsample(split: Split, n: int | None, seed: int, key: str = "dataset.max_train_samples") -> Split:
+    """``n`` examples drawn with ``random.Random(seed)`` (in file order), or the whole split for None or n >= size.
+
+    ``key`` names the config value in the error for a bad ``n``.
+    """
+    n = sample_limit(n, key)
+    if n is None or n >= len(split.labels):
+        return split
+    idx = sorted(random.Random(seed).sample(range(len(split.labels)), n))
+    return Split(
+        [split.examples[i] for i in idx], [split.labels[i] for i in idx], split.label_names, split.source
+    )
+
+
+def load_train_dev(cfg: DictConfig, seed: int) -> tuple[Split, Split]:
+    root = cfg.data.get("root")
+    ds = cfg.dataset
+    # bad limits are reported before reading (possibly large) data files
+    max_train = sample_limit(ds.get("max_train_samples"), "dataset.max_train_samples")
+    max_eval = sample_limit(ds.get("max_eval_samples"), "dataset.max_eval_samples")
+    train = load_split(ds, "train", root)
+    dev = load_split(ds, str(ds.get("eval_split", "dev")), root)
+    if ds.get("k_shot"):
+        train = k_shot(train, int(ds.k_shot), seed)
+    train = subsample(train, max_train, seed)
+    dev = subsample(dev, max_eval, 0, "dataset.max_eval_samples")
+    return train, dev
+
+

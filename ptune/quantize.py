@@ -1,0 +1,94 @@
+"""Quantised frozen weights: ``backbone.quantize=none|int8|nf4``, with torchao.
+
+The projections of the transformer blocks (``ptune.blocks``), nearly all of a backbone's weights, are
+stored as int8 (per-output-channel scales, torchao's ``Int8Tensor``) or as NF4 (4-bit NormalFloat in blocks of 64
+with double-quantised scales, torchao's ``NF4Tensor``: what QLoRA and torchtune use). A quantised weight is
+dequantised to the activation's dtype inside each matmul, in forward and again for the input gradient in backward;
+no weight gradient exists. Everything that trains stays in full precision (prompts, prompt encoders, heads), and so
+do the embeddings, the LM/MLM head and the pooler: they sit outside the blocks, are small next to them, and the
+verbalizer reads LM head rows by index.
+
+torchao runs the same code on CPU and CUDA, so this path is tested on CPU. It is optional: installed with ptune's
+``dev`` extra (``pip install torchao`` otherwise), imported only when a backbone is quantised.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .blocks import transformer_layers
+from .errors import PtuneError
+
+MODES = ("none", "int8", "nf4")
+NF4_BLOCK = 64  # weights per 4-bit block (one scale each): QLoRA's value
+NF4_MAX_SCALER_BLOCK = 256  # blocks per double-quantisation group of the scales: QLoRA's value
+
+
+def is_quantized(tensor: torch.Tensor) -> bool:
+    """A weight stored by torchao (a tensor subclass): it cannot be cast, concatenated or indexed like a plain
+    tensor, so the frozen-backbone speed-ups (``ptune.frozen``) leave it alone."""
+    data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
+    return type(data).__module__.startswith("torchao.")
+
+
+def quantize_backbone(model: nn.Module, mode: str) -> int:
+    """Quantise the frozen ``nn.Linear`` weights inside ``model``'s transformer blocks in place; returns how many.
+
+    A weight NF4 cannot split into whole blocks (fewer than 64 values per block row) stays as loaded. Weights shared
+    with another module (tied) are left alone too: the other user may need the plain tensor.
+    """
+    check_available(mode)
+    if mode == "none":
+        return 0
+    quantize = _quantizer(mode)
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    done = 0
+    for layer in transformer_layers(model, f"backbone.quantize={mode}"):
+        for module in layer.modules():
+            weight = getattr(module, "weight", None)
+            if not isinstance(module, nn.Linear) or not isinstance(weight, nn.Parameter):
+                continue
+            if weight.requires_grad or owners[id(weight)] > 1 or is_quantized(weight) or weight.dim() != 2:
+                continue
+            q = quantize(weight.detach())
+            if q is not None:
+                module.weight = nn.Parameter(q, requires_grad=False)
+                done += 1
+    return done
+
+
+def _quantizer(mode: str):
+    ao = _torchao()
+    if mode == "int8":
+        return lambda w: ao.Int8Tensor.from_hp(w.contiguous(), granularity=ao.PerRow())
+
+    def nf4(w: torch.Tensor) -> torch.Tensor | None:
+        if w.numel() % NF4_BLOCK:
+            return None
+        blocks = w.numel() // NF4_BLOCK
+        scaler_block = NF4_MAX_SCALER_BLOCK
+        while blocks % scaler_block:  # the scales are grouped in a power of two that divides their count
+            scaler_block //= 2
+        return ao.to_nf4(w.contiguous(), NF4_BLOCK, scaler_block)
+
+    return nf4
+
+
+def check_available(mode: str) -> None:
+    """Refuse a bad mode, or a missing torchao, before a backbone is loaded (which may take minutes)."""
+    if mode not in MODES:
+        raise PtuneError(f"backbone.quantize={mode!r} is not valid: use one of {', '.join(MODES)}")
+    if mode != "none":
+        _torchao()
+
+
+def _torchao():
+    try:
+        import torchao.quantization as ao
+    except ImportError:
+        raise PtuneError("backbone.quantize needs torchao: pip install torchao (or backbone.quantize=none)") from None
+    return ao
