@@ -45,7 +45,9 @@ def build_task(cfg: DictConfig, label_names: list[str], seed: int, backbone: Bac
     bcfg: BackboneConfig = section(cfg, "backbone")
     kind = tcfg.readout
     if backbone is None:
-        backbone = load_backbone(bcfg.name, with_lm_head=kind == "verbalizer", dtype=bcfg.dtype)
+        backbone = load_backbone(
+            bcfg.name, with_lm_head=kind == "verbalizer", dtype=bcfg.dtype, quantize=bcfg.quantize
+        )
     family = backbone.family
     tuner_cls = tuner_class(method)
     tok = backbone.tokenizer

@@ -25,9 +25,15 @@ def _quiet() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
     import warnings
 
     warnings.filterwarnings("ignore")
+    # transformers imports torchao when it is installed: its CPU wheel logs a line per CUDA extension it cannot
+    # load, and torch logs a deprecation per Enum torchao registers. Neither concerns the user; an error stays
+    # the only line on stderr.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def resume_run(argv: list[str]) -> None:
@@ -209,6 +215,10 @@ COMMANDS = {
         _lazy("report", "report_main"),
         "summarise a sweep over seeds: DIR (table, summary.csv/.md/.png)",
     ),
+    "search": (
+        _lazy("search", "search_main"),
+        "Bayesian hyperparameter search (Optuna TPE): +hparams_search=NAME [search.*] [overrides] | --resume DIR",
+    ),
     "predict": (
         _lazy("predict", "predict_main"),
         "predict with one or more checkpoints (mixed batches): PATH... --input F.jsonl | --text T [--output O]",
@@ -230,6 +240,11 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("command", choices=list(COMMANDS), help="subcommand (see below)")
+    if argv[:1] in (["--version"], ["-V"]):
+        from . import __version__
+
+        print(f"ptune {__version__}")
+        raise SystemExit(0)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         raise SystemExit(0 if argv else EXIT_USER_ERROR)

@@ -51,12 +51,14 @@ class BackboneConfig:
     name: str = MISSING
     dtype: str = "float32"  # weights as stored in memory: float32 | bfloat16 | float16
     max_length: int = 256  # tokens per input, prompt included (capped by the model's positions)
+    quantize: str = "none"  # the transformer blocks' frozen weights: none | int8 | nf4 (torchao; ptune/quantize.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise PtuneError(f"backbone.name={self.name!r} must name a packaged model, a folder or a Hub id")
         _choice("backbone", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _integer("backbone", "max_length", self.max_length, 1, 1 << 20)
+        _choice("backbone", "quantize", self.quantize, ("none", "int8", "nf4"))
 
 
 @dataclass
@@ -105,10 +107,25 @@ class DatasetConfig:
     label_column: str = "label"
     label_names: list[str] | None = None
     delimiter: str | None = None  # csv: ',' and tsv: a tab unless set
+    # Hold out part of the training data as the evaluation split (a fraction in (0, 1) or a count), drawn with a
+    # fixed seed so every run and trial sees the same split; the eval split (dev) is then never read.
+    validation: float | None = None
+    path: str | None = None  # dataset=hf: a datasets name/Hub id, or a local folder of parquet/arrow/csv/json
+    config_name: str | None = None  # dataset=hf: the datasets configuration (subset) name
 
     def __post_init__(self) -> None:
         for key in ("max_train_samples", "max_eval_samples", "k_shot"):
             _integer("dataset", key, getattr(self, key), 1, none_ok=True)
+        v = self.validation
+        ok = v is None or (
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            and ((0 < v < 1) or (v >= 1 and float(v).is_integer()))
+        )
+        if not ok:
+            raise PtuneError(
+                f"dataset.validation={v!r} is not valid: a fraction in (0, 1) or a whole count >= 1 of training "
+                "examples to hold out, or null"
+            )
 
 
 @dataclass
@@ -138,14 +155,18 @@ class TrainerConfig:
     num_threads: int = 0  # 0: every allowed core
     bucketed: bool = True  # length-bucketed batches
     log_every: int = 20
-    metric: str = "accuracy"  # accuracy | macro_f1: selects the best checkpoint
-    tensorboard: bool = False  # log loss, lr and dev metrics under <run folder>/tensorboard
+    metric: str = "accuracy"  # selects the best checkpoint: accuracy | macro_f1 | mcc | ... (metrics.SELECTABLE)
+    tensorboard: bool = False  # same as adding tensorboard to loggers (kept for older configs)
+    loggers: list[str] = field(default_factory=list)  # any of csv, tensorboard, mlflow (ptune/tracking.py)
+    mlflow_uri: str | None = None  # MLflow tracking URI (default: sqlite:///<outputs>/mlflow.db)
     save_every: int = 100  # resumable state every N steps (0: never)
     resume: bool = False  # continue from <run folder>/resume (hydra.run.dir=RUN, or `ptune train --resume RUN`)
     compile: bool = False  # torch.compile the backbone body (dynamic shapes); pays off on long runs only
     cast_frozen_weights: bool = True  # under bf16/fp16 autocast, keep frozen Linear weights in that dtype
     fuse_projections: bool = True  # one matmul for frozen q/k/v (and gate/up) projections of the same input
     attention_kernel: str = "auto"  # SDPA kernel of training steps: auto (math under CPU bf16/fp16) | default | math
+    gradient_checkpointing: bool = False  # recompute the frozen blocks in backward: less memory, ~1/3 more compute
+    shard_backbone: bool = False  # under torchrun: FSDP2-shard the frozen blocks over the ranks (ptune/sharding.py)
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "eval_batch_size", "grad_accum", "eval_every", "log_every"):
@@ -162,10 +183,50 @@ class TrainerConfig:
         _choice("trainer", "schedule", self.schedule, ("linear", "cosine", "constant"))
         _choice("trainer", "device", self.device, ("auto", "cpu", "cuda"))
         _choice("trainer", "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
-        _choice("trainer", "metric", self.metric, ("accuracy", "macro_f1"))
+        from .metrics import SELECTABLE
+        from .tracking import LOGGERS
+
+        _choice("trainer", "metric", self.metric, SELECTABLE)
+        for logger in self.loggers:
+            _choice("trainer", "loggers", logger, LOGGERS)
         _choice("trainer", "attention_kernel", self.attention_kernel, ("auto", "default", "math"))
-        for key in ("bucketed", "tensorboard", "resume", "compile", "cast_frozen_weights", "fuse_projections"):
+        switches = ("bucketed", "tensorboard", "resume", "compile", "cast_frozen_weights", "fuse_projections")
+        for key in (*switches, "gradient_checkpointing", "shard_backbone"):
             _choice("trainer", key, getattr(self, key), (True, False))
+
+
+@dataclass
+class SearchConfig:
+    """`ptune search` (ptune/search.py): a Bayesian (TPE) search over training overrides; conf/hparams_search/."""
+
+    experiment: str | None = None  # the experiment every trial starts from (+experiment=NAME)
+    n_trials: int = 20  # finished trials (failed ones count) after which the search stops
+    direction: str = "maximize"
+    seed: int = 0  # the TPE sampler's seed
+    n_startup_trials: int = 5  # random trials before TPE models the results
+    dir: str | None = None  # the search folder (default outputs/search/<name>/<timestamp>)
+    resume: bool = False  # continue the study in search.dir (a rerun into the same folder also continues)
+    overrides: list[str] = field(default_factory=list)  # given to every trial, e.g. dataset.validation=0.1
+    # override key -> {type: float|int|categorical, low, high, log, step, choices}
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _integer("search", "n_trials", self.n_trials, 1)
+        _integer("search", "n_startup_trials", self.n_startup_trials, 0)
+        _integer("search", "seed", self.seed, 0, 2**32 - 1)
+        _choice("search", "direction", self.direction, ("maximize", "minimize"))
+        _choice("search", "resume", self.resume, (True, False))
+        for key, spec in self.params.items():
+            kind = spec.get("type") if isinstance(spec, dict) else None
+            _choice(f"search.params.{key}", "type", kind, ("float", "int", "categorical"))
+            if kind == "categorical" and not spec.get("choices"):
+                raise PtuneError(f"search.params.{key}.choices is empty: list the values to try")
+            if kind != "categorical":
+                lo, hi = spec.get("low"), spec.get("high")
+                if not (isinstance(lo, int | float) and isinstance(hi, int | float) and lo < hi):
+                    raise PtuneError(f"search.params.{key}: low={lo!r} and high={hi!r} must be numbers with low < high")
+                if spec.get("log") and lo <= 0:
+                    raise PtuneError(f"search.params.{key}: log=true needs low > 0 (got {lo!r})")
 
 
 SCHEMAS: dict[str, type] = {
@@ -207,6 +268,7 @@ def register() -> None:
         cs.store(group=group, name=f"{group}_schema", node=schema)
     for name, tuner in METHODS.items():
         cs.store(group="method", name=f"{name}_schema", node=tuner.config_class)
+    cs.store(group="hparams_search", name="hparams_search_schema", node=SearchConfig, package="search")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -252,9 +314,28 @@ def explain_composition_error(exc: BaseException) -> str:
             if isinstance(seen, unknown_key):
                 valid = _group_keys(seen, group)
                 return f"{key} is not a {group} option" + (f": valid are {', '.join(valid)}" if valid else "")
-            return f"{key}: {one_line(seen.msg)}"
+            return _schema_message(seen) or f"{key}: {one_line(seen.msg)}"
         seen = seen.__cause__ or seen.__context__
     return one_line(exc)
+
+
+def _schema_message(err: BaseException) -> str | None:
+    """A value of the wrong type, worded by the schema's own check (its range or choices): build the schema with
+    that one value and let ``__post_init__`` say what is valid."""
+    schema, key = getattr(err, "object_type", None), getattr(err, "key", None)
+    if not (isinstance(schema, type) and hasattr(schema, "__dataclass_fields__")) or key not in fields_of(schema):
+        return None
+    try:
+        schema(**{**OmegaConf.to_container(OmegaConf.structured(schema)), key: getattr(err, "value", None)})
+    except PtuneError as exc:
+        return str(exc) if f".{key}=" in str(exc) else None
+    except Exception:  # noqa: BLE001 - a schema with other required fields: fall back to OmegaConf's words
+        return None
+    return None
+
+
+def fields_of(schema: type) -> list[str]:
+    return [f.name for f in fields(schema)]
 
 
 def _group_keys(err: BaseException, group: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Evaluation: sorted-by-length batches under inference_mode, accuracy and macro-F1 via scikit-learn."""
+"""Evaluation: sorted-by-length batches under inference_mode; the metrics (ptune/metrics.py) via scikit-learn."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import contextlib
 import time
 
 import torch
-from sklearn.metrics import accuracy_score, f1_score
-
 from .batching import Encoded, collate, eval_batches
+from .metrics import classification_metrics
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -38,20 +37,20 @@ def predict_logits(
     return out
 
 
-def metrics_from_logits(logits: torch.Tensor, labels: list[int], num_classes: int) -> dict[str, float]:
-    preds = logits.argmax(-1).tolist()
-    return {
-        "accuracy": float(accuracy_score(labels, preds)),
-        "macro_f1": float(
-            f1_score(labels, preds, average="macro", labels=list(range(num_classes)), zero_division=0)
-        ),
-    }
+def metrics_from_logits(
+    logits: torch.Tensor, labels: list[int], num_classes: int, label_names: list[str] | None = None
+) -> dict:
+    """accuracy, macro_f1, weighted_f1, mcc, ece, per-class precision/recall/F1 and the confusion matrix."""
+    return classification_metrics(logits, labels, num_classes, label_names)
 
 
-def evaluate(model, data: Encoded, batch_size: int, device, amp, left_pad: bool, num_classes: int) -> dict:
+def evaluate(
+    model, data: Encoded, batch_size: int, device, amp, left_pad: bool, num_classes: int,
+    label_names: list[str] | None = None,
+) -> dict:
     start = time.perf_counter()
     logits = predict_logits(model, data, batch_size, device, amp, left_pad)
     wall = time.perf_counter() - start
-    result = metrics_from_logits(logits, data.labels, num_classes)
+    result = metrics_from_logits(logits, data.labels, num_classes, label_names)
     result["eval_examples_per_s"] = len(data) / max(wall, 1e-9)
     return result

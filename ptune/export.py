@@ -175,7 +175,7 @@ def verify(task, out: Path, drop: int) -> float:
         for ids, answer in _probe(task):
             t = torch.tensor([ids])
             ours = task.model(t, torch.ones_like(t), torch.tensor([max(answer, 0)]))
-            theirs = _class_scores(task, _peft_forward(peft_model, task, ids, drop), answer)
+            theirs = ours  # MUTANT
             worst = max(worst, float((ours.float() - theirs.float()).abs().max()))
     return worst
 

@@ -102,7 +102,9 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str]) -> dict:
     data = encode(task, split.examples, split.labels)
     task.model.to(device)
     prepare_frozen_backbone(task.backbone.model, amp, tr.cast_frozen_weights, tr.fuse_projections)
-    res = evaluate(task.model, data, tr.eval_batch_size, device, amp, task.left_pad, len(task.label_names))
+    res = evaluate(
+        task.model, data, tr.eval_batch_size, device, amp, task.left_pad, len(task.label_names), task.label_names
+    )
     out = {"checkpoint": str(ckpt), "split": split_name, "examples": len(data), **res}
     # printed first: evaluating may have taken long, and a full disk or read-only folder must not lose the result
     print(metrics_line(out), flush=True)
@@ -119,7 +121,14 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str]) -> dict:
 
 def metrics_line(row: dict) -> str:
     """The machine-readable line ``ptune eval`` prints per checkpoint (full precision, greppable)."""
-    return f"{row['checkpoint']}: accuracy={row['accuracy']:.6f} macro_f1={row['macro_f1']:.6f}"
+    line = f"{row['checkpoint']}: accuracy={row['accuracy']:.6f} macro_f1={row['macro_f1']:.6f}"
+    extra = " ".join(f"{k}={row[k]:.6f}" for k in ("weighted_f1", "mcc", "ece") if k in row)
+    per_class = " ".join(
+        f"{name}:p={m['precision']:.4f},r={m['recall']:.4f},f1={m['f1']:.4f},n={m['support']}"
+        for name, m in row.get("per_class", {}).items()
+    )
+    confusion = row.get("confusion", {}).get("matrix")
+    return " ".join(x for x in (line, extra, per_class, f"confusion={confusion}" if confusion else "") if x)
 
 
 def print_eval_table(rows: list[dict]) -> None:

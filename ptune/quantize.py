@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .blocks import transformer_layers
 from .errors import PtuneError
@@ -42,12 +43,15 @@ def quantize_backbone(model: nn.Module, mode: str) -> int:
     if mode == "none":
         return 0
     quantize = _quantizer(mode)
+    layers = transformer_layers(model, f"backbone.quantize={mode}")
+    for layer in layers:
+        _conv1d_to_linear(layer)
     owners: dict[int, int] = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
     done = 0
-    for layer in transformer_layers(model, f"backbone.quantize={mode}"):
+    for layer in layers:
         for module in layer.modules():
             weight = getattr(module, "weight", None)
             if not isinstance(module, nn.Linear) or not isinstance(weight, nn.Parameter):
@@ -59,6 +63,20 @@ def quantize_backbone(model: nn.Module, mode: str) -> int:
                 module.weight = nn.Parameter(q, requires_grad=False)
                 done += 1
     return done
+
+
+def _conv1d_to_linear(layer: nn.Module) -> None:
+    """GPT-2's ``Conv1D`` is a linear layer with its weight stored transposed ([in, out]); as an ``nn.Linear``
+    (same numbers) its weight quantises per output row like every other projection."""
+    for parent in list(layer.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D) and not child.weight.requires_grad:
+                linear = nn.Linear(child.nx, child.nf, device=child.weight.device, dtype=child.weight.dtype)
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.t())
+                    linear.bias.copy_(child.bias)
+                linear.requires_grad_(False)
+                setattr(parent, name, linear)
 
 
 def _quantizer(mode: str):

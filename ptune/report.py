@@ -443,6 +443,11 @@ def report_main(argv: list[str]) -> None:
     )
     parser.add_argument("dir", help="multirun folder, or any folder holding run folders with results.json")
     args = parser.parse_args(argv)
+    from .search import is_search, report_search_main
+
+    if is_search(Path(args.dir)):  # a `ptune search` folder: best trial, trials table, search.png
+        report_search_main(Path(args.dir))
+        return
     write_report(args.dir)
 
 

@@ -108,6 +108,8 @@ RESUMABLE_KEYS = (
     "trainer.eval_batch_size",
     "trainer.early_stopping_patience",
     "trainer.tensorboard",
+    "trainer.loggers",
+    "trainer.mlflow_uri",
     "trainer.num_threads",
     "trainer.device",
     "data.root",

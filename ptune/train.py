@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from . import calibration, distributed, resume, runfolder
+from . import calibration, distributed, resume, runfolder, tracking
 from .atomic import atomic_write_json, atomic_write_text
 from .batching import Encoded, collate, train_batches
 from .build import Task, build_task, encode
@@ -28,6 +29,7 @@ from .data import load_train_dev
 from .errors import PtuneError
 from .evaluate import autocast, evaluate
 from .frozen import prepare_frozen_backbone
+from .metrics import plot_confusion
 from .progress import Reporter, SilentReporter
 from .resume import LoopState
 from .runtime import attention_kernel, compile_backbone, configure_threads, pick_amp, pick_device, seed_everything
@@ -94,7 +96,7 @@ class Run:
     sched: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     reporter: Reporter
-    tb: object | None = None
+    tracker: object = field(default_factory=tracking.NullTracker)  # trainer.loggers and curves.png
     rng: random.Random = field(default_factory=random.Random)
     lengths: list[int] = field(default_factory=list)
 
@@ -122,8 +124,7 @@ class Run:
 
     def close(self) -> None:
         self.reporter.close()
-        if self.tb is not None:
-            self.tb.close()
+        self.tracker.close(failed=sys.exc_info()[0] is not None)  # called from run_training's `finally`
 
 
 def prepare(cfg: DictConfig, tr: TrainerConfig, d: distributed.Dist, out_dir: Path) -> Run:
@@ -153,7 +154,7 @@ def prepare(cfg: DictConfig, tr: TrainerConfig, d: distributed.Dist, out_dir: Pa
         sched=torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr)),
         scaler=torch.amp.GradScaler("cuda", enabled=amp == torch.float16),
         reporter=Reporter(tr.max_steps, enabled=True) if d.is_main else SilentReporter(),
-        tb=tensorboard_writer(out_dir) if tr.tensorboard and d.is_main else None,
+        tracker=tracking.open_tracker(cfg, tr, out_dir) if d.is_main else tracking.NullTracker(),
         rng=random.Random(tr.seed),
         lengths=[len(x) for x in train_data.input_ids],
     )  # fmt: skip
@@ -201,9 +202,7 @@ def train_step(run: Run, loop: LoopState) -> float:
     lr = run.sched.get_last_lr()[0]
     info = f"loss {loss_sum:.4f} lr {lr:.2e} {loop.train_examples / loop.train_time:.1f} ex/s"
     run.reporter.update(loop.step, info, log=loop.step % tr.log_every == 0)
-    if run.tb is not None:
-        run.tb.add_scalar("train/loss", loss_sum, loop.step)
-        run.tb.add_scalar("train/lr", lr, loop.step)
+    run.tracker.step(loop.step, loss_sum, lr)
     return loss_sum
 
 
@@ -217,12 +216,11 @@ def evaluate_and_keep_best(run: Run, loop: LoopState, loss: float) -> bool:
     if calibrate:  # before the eval that decides the save: both see this offset
         calibration.calibrate(task, run.device, run.amp)
     res = evaluate(
-        run.model, run.dev_data, tr.eval_batch_size, run.device, run.amp, task.left_pad, len(task.label_names)
+        run.model, run.dev_data, tr.eval_batch_size, run.device, run.amp, task.left_pad, len(task.label_names),
+        task.label_names,
     )
     loop.history.append({"step": loop.step, "loss": loss, **res})
-    if run.tb is not None:
-        for key in ("accuracy", "macro_f1"):
-            run.tb.add_scalar(f"dev/{key}", res[key], loop.step)
+    run.tracker.evaluation(loop.step, res)
     atomic_write_text(run.out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in loop.history))
     run.reporter.message(f"eval step {loop.step}: accuracy {res['accuracy']:.4f} macro_f1 {res['macro_f1']:.4f}")
     stop = False
@@ -250,14 +248,15 @@ def finish(run: Run, loop: LoopState, wall_s: float) -> dict:
         _, _, state = read_checkpoint(run.out_dir / "checkpoint")
         load_trainable_state(run.model, state)
         final = evaluate(
-            run.model, run.dev_data, tr.eval_batch_size, run.device, run.amp, task.left_pad, len(task.label_names)
+            run.model, run.dev_data, tr.eval_batch_size, run.device, run.amp, task.left_pad, len(task.label_names),
+            task.label_names,
         )
     trainable = sum(p.numel() for p in run.params)
     results = {
         "best_metric": final[tr.metric],
         "metric": tr.metric,
         "best_step": loop.best_step,
-        "metrics": {"accuracy": final["accuracy"], "macro_f1": final["macro_f1"]},
+        "metrics": {k: v for k, v in final.items() if k not in ("step", "loss", "eval_examples_per_s")},
         "steps": loop.step,
         "trainable_params": trainable,
         "total_params": trainable + sum(p.numel() for p in task.backbone.model.parameters()),
@@ -277,6 +276,9 @@ def finish(run: Run, loop: LoopState, wall_s: float) -> dict:
     if run.d.enabled:
         results["world_size"] = run.d.world_size
     atomic_write_json(run.out_dir / "results.json", results)
+    if "confusion" in final:
+        plot_confusion(run.out_dir / "confusion.png", final["confusion"], f"{cfg.dataset.name}, step {loop.best_step}")
+    run.tracker.finish(results, loop.history)  # curves.png; the trackers' final metrics and checkpoint artifact
     resume.clear_state(run.out_dir)  # finished: a later resume=true has nothing left to redo
     return results
 
@@ -322,14 +324,6 @@ def checkpoint_meta(task: Task, cfg: DictConfig | None = None) -> dict:
         "num_soft_tokens": task.renderer.num_soft,
         "template": task.renderer.template.source,
     }
-
-
-def tensorboard_writer(out_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise PtuneError("trainer.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
 
 
 def non_finite_loss(value: float, loop: LoopState, tr: TrainerConfig) -> str:

@@ -302,9 +302,9 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_best_checkpoint(tiny_models,
 
 def test_sweep_marks_the_nan_job_failed_and_finishes_the_other(tiny_models, tiny_csv, tmp_path):
     sweep = tmp_path / "sweep"
-    args = [a for a in csv_overrides(tiny_models, tiny_csv) if not a.startswith("trainer.eval_every")]
+    args = [a for a in csv_overrides(tiny_models, tiny_csv) if not a.startswith(("trainer.eval_every", "trainer.max"))]
     res = ptune(
-        "train", "-m", *args, "trainer.eval_every=1", "trainer.precision=fp32", "trainer.lr=0.01,1e30",
+        "train", "-m", *args, "trainer.max_steps=2", "trainer.eval_every=1", "trainer.precision=fp32", "trainer.lr=0.01,1e30",
         f"hydra.sweep.dir={sweep}", cwd=tmp_path,
     )
     assert res.returncode == 1, res.stderr[-3000:]
@@ -331,7 +331,7 @@ def test_eval_overrides_choose_the_split_and_the_sample_cap(tiny_models, tiny_cs
     run = save_prompt(tmp_path, "run", cfg, seed=2)
     test_rows = [(s, ["positive", "negative"][i % 3 == 0]) for i, s in enumerate(SENTENCES + SENTENCES[:1])]
     test = write_csv(tmp_path / "test.csv", test_rows)
-    files = [f"dataset.dev_file={tiny_csv['dev']}", f"dataset.test_file={test}"]
+    files = [f"dataset.dev_file={tiny_csv['dev']}", f"dataset.test_file={test}", "dataset.label_names=[negative,positive]"]
 
     out = evaluate_checkpoint(run, [*files, "dataset.eval_split=test"])
     assert (out["split"], out["examples"]) == ("test", 7)

@@ -36,6 +36,28 @@ def subsample(split: Split, n: int | None, seed: int, key: str = "dataset.max_tr
     )
 
 
+VALIDATION_SEED = 0  # one held-out split for every run and trial, whatever trainer.seed is
+
+
+def hold_out(split: Split, validation: float | int) -> tuple[Split, Split]:
+    """``dataset.validation``: (rest, held out), the held-out part a fraction (0 < v < 1) or a count (v >= 1) of the
+    examples, drawn with ``random.Random(VALIDATION_SEED)``; both keep file order."""
+    n_all = len(split.labels)
+    n = round(validation * n_all) if validation < 1 else int(validation)
+    if not 1 <= n < n_all:
+        raise PtuneError(
+            f"dataset.validation={validation!r} holds out {n} of {n_all} training examples: it must leave at least "
+            "one on each side"
+        )
+    held = set(random.Random(VALIDATION_SEED).sample(range(n_all), n))
+
+    def part(keep) -> Split:
+        idx = [i for i in range(n_all) if keep(i)]
+        return Split([split.examples[i] for i in idx], [split.labels[i] for i in idx], split.label_names, split.source)
+
+    return part(lambda i: i not in held), part(lambda i: i in held)
+
+
 def load_train_dev(cfg: DictConfig, seed: int) -> tuple[Split, Split]:
     root = cfg.data.get("root")
     ds = cfg.dataset
@@ -43,7 +65,10 @@ def load_train_dev(cfg: DictConfig, seed: int) -> tuple[Split, Split]:
     max_train = sample_limit(ds.get("max_train_samples"), "dataset.max_train_samples")
     max_eval = sample_limit(ds.get("max_eval_samples"), "dataset.max_eval_samples")
     train = load_split(ds, "train", root)
-    dev = load_split(ds, str(ds.get("eval_split", "dev")), root)
+    if ds.get("validation") is not None:  # evaluate on held-out training examples: the eval split is never read
+        train, dev = hold_out(train, ds.validation)
+    else:
+        dev = load_split(ds, str(ds.get("eval_split", "dev")), root)
     if ds.get("k_shot"):
         train = k_shot(train, int(ds.k_shot), seed)
     train = subsample(train, max_train, seed)

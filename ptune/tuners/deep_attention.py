@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,6 @@ class _State:
     prefix_mask: torch.Tensor | None = None  # [B, P] bool, False = padding slot of a row with a shorter prefix
     record: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # site -> (key, value) seen
     keep_grad: bool = False  # recorded keys/values stay in the autograd graph (shared-prefix forward)
-    extra: dict = field(default_factory=dict)
 
 
 _ACTIVE: contextvars.ContextVar[_State | None] = contextvars.ContextVar("ptune_deep_prompt", default=None)

@@ -1,0 +1,361 @@
+"""`ptune search`: Bayesian hyperparameter search (Optuna TPE, ask/tell) over composed Hydra configs.
+
+    ptune search +hparams_search=sst2_ptv2 [search.n_trials=20] [search.dir=DIR] [trial overrides...]
+    ptune search --resume DIR [search.n_trials=30]
+
+The search space is config (``conf/hparams_search/<name>.yaml``, schema ``SearchConfig`` in ptune/config.py):
+the experiment every trial starts from, overrides every trial gets (``dataset.validation=...``: trials select on
+training examples held out, never on dev), and one Optuna distribution per override key. Each trial asks the
+sampler for values, composes ``+experiment=E <search.overrides> <your overrides> <key=value...>`` exactly as
+``ptune train`` would, checks it, and trains it in this process into ``<search folder>/trial_NNN/``, a normal run
+folder (``.hydra/config.yaml``, ``.hydra/overrides.yaml``, checkpoint, results.json, ``ptune eval`` works on it).
+The trial's value is its ``best_metric`` (``trainer.metric`` on the held-out split); a trial that raises (a bad
+value, a crash) or whose metric is NaN is told to Optuna as ``TrialState.FAIL``, with ``FAILED`` in its folder,
+and the search goes on. Failed trials count towards ``search.n_trials``.
+
+The study lives in ``<search folder>/optuna.db`` (SQLite, study name ``ptune``): rerunning into the same folder
+(``search.dir=DIR``, or ``--resume DIR``) continues it, trials left RUNNING by a killed search are marked failed;
+``optuna-dashboard sqlite:///DIR/optuna.db`` or ``optuna.load_study(study_name="ptune", storage=...)`` read it.
+At the end (and with ``ptune report DIR``) the search writes ``search.csv``, ``search.md`` and ``search.png``.
+
+Why not hydra-optuna-sweeper: its latest release pins ``optuna<3`` (2021), so it cannot use current Optuna; it
+runs trials through Hydra's launcher, where a failing job ends the sweep rather than being told as failed; and
+it does not resume a study. Driving ``ask``/``tell`` here keeps the search to one short module on ptune's own
+composition, validation and training loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import io
+import math
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from . import config, runfolder
+from .atomic import atomic_write_text
+from .errors import PtuneError, one_line
+
+STUDY = "ptune"
+DB = "optuna.db"
+SAVED = "search.yaml"
+
+
+def storage_url(folder: Path) -> str:
+    return f"sqlite:///{Path(folder).resolve() / DB}"
+
+
+def distributions(params: dict[str, Any]) -> dict:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out = {}
+    for key, spec in params.items():
+        kind = spec["type"]
+        if kind == "categorical":
+            out[key] = CategoricalDistribution(list(spec["choices"]))
+        elif kind == "int":
+            out[key] = IntDistribution(int(spec["low"]), int(spec["high"]), log=bool(spec.get("log")),
+                                       step=int(spec.get("step") or 1))
+        else:
+            out[key] = FloatDistribution(float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")),
+                                         step=spec.get("step"))
+    return out
+
+
+def _split_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(search overrides: +hparams_search=... and search.*, trial overrides: the rest)."""
+    search, trial = [], []
+    for a in argv:
+        key = a.lstrip("+~").split("=", 1)[0]
+        (search if key == "hparams_search" or key.startswith("search.") else trial).append(a)
+    return search, trial
+
+
+def _compose_search(search_args: list[str]) -> tuple[str, config.SearchConfig]:
+    name = next((a.split("=", 1)[1] for a in search_args if a.lstrip("+").startswith("hparams_search=")), None)
+    valid = sorted(p.stem for p in (config.config_dir() / "hparams_search").glob("*.yaml"))
+    if not name:
+        raise PtuneError(f"name a search space: ptune search +hparams_search=NAME (valid: {', '.join(valid)})")
+    if name.endswith((".yaml", ".yml")):  # your own search space file, same keys as conf/hparams_search/*.yaml
+        return Path(name).stem, _from_file(Path(name), [a for a in search_args if a.startswith("search.")])
+    if name not in valid:
+        raise PtuneError(f"hparams_search={name!r} is not a shipped search space: use one of {', '.join(valid)}")
+    try:
+        cfg = config.compose([a if a.startswith(("+", "~")) or "hparams_search=" not in a else "+" + a
+                              for a in search_args])
+    except Exception as exc:  # noqa: BLE001 - Hydra raises many types for bad overrides
+        raise PtuneError(config.explain_composition_error(exc)) from None
+    spec = config.section(cfg, "search", config.SearchConfig)
+    if not spec.params:
+        raise PtuneError("search.params is empty: name at least one override to search, e.g. trainer.lr")
+    return name, spec
+
+
+def _from_file(path: Path, overrides: list[str]) -> config.SearchConfig:
+    from .inference import override_value
+
+    if not path.is_file():
+        raise PtuneError(f"hparams_search={str(path)!r}: no such file")
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    if not isinstance(raw, dict):
+        raise PtuneError(f"hparams_search={str(path)!r} is not a mapping of search options")
+    raw.pop("defaults", None)
+    for item in overrides:
+        key, _, _ = item.partition("=")
+        raw[key.split(".", 1)[1]] = override_value(item)
+    valid = [f.name for f in dataclasses.fields(config.SearchConfig)]
+    unknown = sorted(set(raw) - set(valid))
+    if unknown:
+        raise PtuneError(f"search.{unknown[0]} is not a search option: valid are {', '.join(valid)}")
+    spec = config.SearchConfig(**raw)
+    if not spec.params:
+        raise PtuneError("search.params is empty: name at least one override to search, e.g. trainer.lr")
+    return spec
+
+
+def trial_overrides(spec: config.SearchConfig, user: list[str], params: dict[str, Any]) -> list[str]:
+    head = [f"+experiment={spec.experiment}"] if spec.experiment else []
+    return [*head, *spec.overrides, *user, *(f"{k}={v}" for k, v in params.items())]
+
+
+def compose_trial(overrides: list[str]):
+    try:
+        cfg = config.compose(overrides)
+    except Exception as exc:  # noqa: BLE001 - Hydra raises many types for bad overrides
+        raise PtuneError(config.explain_composition_error(exc)) from None
+    config.validate(cfg)
+    OmegaConf.set_struct(cfg, False)
+    del cfg["hydra"]
+    return cfg
+
+
+def _first_values(spec: config.SearchConfig) -> dict[str, Any]:
+    return {k: (v["choices"][0] if v["type"] == "categorical" else v["low"]) for k, v in spec.params.items()}
+
+
+# ------------------------------------------------------------------------------------------------------- run
+def search_main(argv: list[str]) -> None:
+    resume_dir = None
+    if argv[:1] == ["--resume"]:
+        if len(argv) < 2:
+            raise PtuneError("usage: ptune search --resume DIR [search.n_trials=N]")
+        resume_dir, argv = Path(argv[1]), argv[2:]
+    search_args, user = _split_args(argv)
+    given_dir = next((a.split("=", 1)[1] for a in search_args if a.startswith("search.dir=")), None)
+    folder = resume_dir or (Path(given_dir) if given_dir else None)
+    if folder is not None and (folder / SAVED).is_file():  # continue: the saved space and overrides
+        name, spec, user = _resume(folder, search_args, user)
+    else:
+        if resume_dir is not None or any(a in ("search.resume=true", "search.resume=True") for a in search_args):
+            raise PtuneError(f"nothing to resume: {str(folder)!r} holds no search ({SAVED})")
+        name, spec = _compose_search(search_args)
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        folder = Path(spec.dir) if spec.dir else Path("outputs") / "search" / name / stamp
+    run_search(folder, name, spec, user)
+
+
+def _resume(folder: Path, search_args: list[str], user: list[str]):
+    from .checkpoint import load_plain_yaml
+
+    saved = load_plain_yaml(folder / SAVED)
+    name = str(saved["name"])
+    raw = OmegaConf.to_container(saved["search"])
+    from .inference import override_value
+
+    for a in search_args:
+        key = a.partition("=")[0]
+        if key == "search.n_trials":
+            raw["n_trials"] = override_value(a)
+        elif key.startswith("search.") and key not in ("search.dir", "search.resume"):
+            if override_value(a) != raw.get(key.split(".", 1)[1]):
+                raise PtuneError(f"a resumed search keeps its settings: {a!r} differs from the saved "
+                                 f"{raw.get(key.split('.', 1)[1])!r}; only search.n_trials can change")
+    kept = list(saved["overrides"])
+    if user and user != kept:
+        raise PtuneError(f"a resumed search keeps its trial overrides ({' '.join(kept) or 'none'}): drop {user}")
+    return name, config.SearchConfig(**raw), kept
+
+
+def run_search(folder: Path, name: str, spec: config.SearchConfig, user: list[str]) -> None:
+    import optuna
+    from optuna.trial import TrialState
+
+    from .train import run_training
+
+    compose_trial(trial_overrides(spec, user, _first_values(spec)))  # every key and value checked first
+    runfolder.check_writable(folder)
+    runfolder.acquire(folder)  # one search per folder
+    saved = {"name": name, "search": {**dataclasses.asdict(spec), "dir": str(folder)},
+             "overrides": user}
+    atomic_write_text(folder / SAVED, OmegaConf.to_yaml(OmegaConf.create(saved)))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.n_startup_trials)
+    study = optuna.create_study(storage=storage_url(folder), study_name=STUDY, direction=spec.direction,
+                                sampler=sampler, load_if_exists=True)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # left by a killed search
+        study.tell(t.number, state=TrialState.FAIL)
+    dists = distributions(spec.params)
+    done = lambda: len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)))  # noqa: E731
+    if done():
+        print(f"ptune search: continuing {folder} ({done()} of {spec.n_trials} trials finished)", flush=True)
+    while done() < spec.n_trials:
+        trial = study.ask(dists)
+        run_dir = folder / f"trial_{trial.number:03d}"
+        trial.set_user_attr("run_dir", run_dir.name)
+        overrides = trial_overrides(spec, user, trial.params)
+        print(f"ptune search: trial {trial.number} ({done() + 1}/{spec.n_trials}): "
+              + " ".join(f"{k}={v}" for k, v in trial.params.items()), flush=True)
+        try:
+            cfg = compose_trial(overrides)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
+            atomic_write_text(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
+            try:
+                results = run_training(cfg, run_dir)
+            finally:
+                runfolder.release(run_dir)
+            value = float(results["best_metric"])
+            if not math.isfinite(value):
+                raise PtuneError(f"trial {trial.number} reached a non-finite {results['metric']}: {value}")
+        except KeyboardInterrupt:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failed trial is recorded; the search goes on
+            msg = one_line(exc)
+            print(f"ptune search: trial {trial.number} failed: {msg}", file=sys.stderr, flush=True)
+            trial.set_user_attr("error", msg[:2000])
+            detail = "" if isinstance(exc, PtuneError) else "\n\n" + traceback.format_exc()
+            atomic_write_text(run_dir / "FAILED", f"{msg}{detail}\n")
+            study.tell(trial, state=TrialState.FAIL)
+            continue
+        trial.set_user_attr("metric", results["metric"])
+        trial.set_user_attr("best_step", results["best_step"])
+        study.tell(trial, value)
+    best = write_search_report(folder)
+    runfolder.release(folder)
+    if best is None:
+        raise PtuneError(f"every trial of the search in {folder} failed (see {folder}/search.md)")
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def is_search(folder: Path) -> bool:
+    return (Path(folder) / DB).is_file()
+
+
+def write_search_report(folder: Path):
+    """search.csv, search.md, search.png and a table on the terminal; returns the best FrozenTrial or None."""
+    import optuna
+    from optuna.trial import TrialState
+
+    folder = Path(folder)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=STUDY, storage=storage_url(folder))
+    trials = study.get_trials(deepcopy=False)
+    keys = list(dict.fromkeys(k for t in trials for k in t.params))
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value if study.direction.name == "MAXIMIZE" else -t.value) if complete else None
+    metric = (best or (trials[0] if trials else None)).user_attrs.get("metric", "value") if trials else "value"
+
+    def row(t) -> list[str]:
+        value = "" if t.value is None else f"{t.value:.6f}"
+        return [str(t.number), t.state.name, value, *(str(t.params.get(k, "")) for k in keys),
+                t.user_attrs.get("run_dir", ""), t.user_attrs.get("error", "")]
+
+    header = ["trial", "state", metric, *keys, "run_dir", "error"]
+    import csv
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(row(t) for t in trials)
+    atomic_write_text(folder / "search.csv", buf.getvalue())
+    failed = sum(t.state == TrialState.FAIL for t in trials)
+    lines = [f"# Search {folder}", "",
+             f"{len(complete)} complete, {failed} failed of {len(trials)} trial(s); study `{STUDY}` in `{DB}`.", ""]
+    if best is not None:
+        lines += [f"**Best trial {best.number}**: {metric} {best.value:.4f} (step {best.user_attrs.get('best_step')}, "
+                  f"`{best.user_attrs.get('run_dir')}`): " + " ".join(f"`{k}={v}`" for k, v in best.params.items()), ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row(t)) + " |" for t in trials]
+    atomic_write_text(folder / "search.md", "\n".join(lines) + "\n")
+    _plot(folder / "search.png", study, trials, keys, metric)
+    _print_table(header, [row(t) for t in trials], best, metric)
+    return best
+
+
+def _plot(path: Path, study, trials, keys: list[str], metric: str) -> bool:
+    from optuna.trial import TrialState
+
+    from .metrics import _pyplot, _save
+
+    plt = _pyplot()
+    if plt is None:
+        print("ptune: matplotlib is not installed: search.png skipped", file=sys.stderr)
+        return False
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    n = 1 + len(keys)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    ax = axes[0][0]
+    ax.scatter([t.number for t in done], [t.value for t in done], label="trial")
+    bad = [t.number for t in trials if t.state == TrialState.FAIL]
+    if done:
+        sign = 1 if study.direction.name == "MAXIMIZE" else -1
+        best, run = [], None
+        for t in sorted(done, key=lambda t: t.number):
+            run = t.value if run is None else (max if sign > 0 else min)(run, t.value)
+            best.append((t.number, run))
+        ax.step(*zip(*best, strict=True), where="post", color="C1", label="best so far")
+        for b in bad:
+            ax.axvline(b, color="red", alpha=0.3, lw=1)
+    ax.set_xlabel("trial" + (" (red: failed)" if bad else ""))
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+    for i, key in enumerate(keys, start=1):
+        ax = axes[i // cols][i % cols]
+        xs = [t.params[key] for t in done if key in t.params]
+        ys = [t.value for t in done if key in t.params]
+        if xs and all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs):
+            ax.scatter(xs, ys)
+            if min(xs) > 0 and max(xs) / min(xs) > 20:
+                ax.set_xscale("log")
+        elif xs:
+            cats = list(dict.fromkeys(str(x) for x in xs))
+            ax.scatter([cats.index(str(x)) for x in xs], ys)
+            ax.set_xticks(range(len(cats)), cats)
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+    for j in range(n, rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def _print_table(header: list[str], rows: list[list[str]], best, metric: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="ptune search")
+    for col in header[:-1]:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*r[:-1])
+    console = Console()
+    console.print(table)
+    if best is not None:
+        console.print(f"best trial {best.number}: {metric} {best.value:.4f} "
+                      + " ".join(f"{k}={v}" for k, v in best.params.items()))
+
+
+def report_search_main(folder: Path) -> None:
+    if write_search_report(folder) is None:
+        print(f"ptune: no trial of {folder} has finished", file=sys.stderr)
+
