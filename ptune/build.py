@@ -13,6 +13,7 @@ from .batching import Encoded
 from .config import BackboneConfig, TemplateConfig, section
 from .errors import PtuneError
 from .families import Family
+from .generation import TargetReadout, encode_targets, stop_token
 from .prompt_model import PromptModel
 from .readout import ClsHead, VerbalizerReadout
 from .template import TemplateRenderer, parse_template
@@ -46,7 +47,7 @@ def build_task(cfg: DictConfig, label_names: list[str], seed: int, backbone: Bac
     kind = tcfg.readout
     if backbone is None:
         backbone = load_backbone(
-            bcfg.name, with_lm_head=kind == "verbalizer", dtype=bcfg.dtype, quantize=bcfg.quantize
+            bcfg.name, with_lm_head=kind in ("verbalizer", "generate"), dtype=bcfg.dtype, quantize=bcfg.quantize
         )
     family = backbone.family
     tuner_cls = tuner_class(method)
@@ -61,7 +62,14 @@ def build_task(cfg: DictConfig, label_names: list[str], seed: int, backbone: Bac
             f"backbone {cfg.backbone.name!r} has no MLM head, so a verbalizer cannot read it: use "
             "template.readout=head or a backbone with an MLM head (e.g. backbone=cassette_bert)"
         )
+    if kind == "generate" and not family.generates_answer:
+        raise PtuneError(
+            f"template.readout=generate needs a causal or seq2seq backbone, but {cfg.backbone.name!r} is {family}"
+        )
     answer_mode = "none" if kind == "head" else family.answer_mode
+    max_len = max_input_length(backbone, bcfg.max_length)
+    if kind == "generate" and family.causal_attention:  # the target follows the input in the same sequence
+        max_len -= tcfg.max_target_length
     template = parse_template(tcfg.text)
     if not tuner_cls.uses_soft_tokens and any(s.kind == "soft" for s in template.segments):
         suggest = " or ".join(f"method={name}" for name in soft_token_methods())
@@ -73,7 +81,7 @@ def build_task(cfg: DictConfig, label_names: list[str], seed: int, backbone: Bac
         template,
         tok,
         answer_mode,
-        max_length=max_input_length(backbone, bcfg.max_length),
+        max_length=max_len,
         prepend_soft=method.prompt_length if tuner_cls.uses_soft_tokens else 0,
         truncate_side=tcfg.truncate,
     )
@@ -92,6 +100,12 @@ def build_task(cfg: DictConfig, label_names: list[str], seed: int, backbone: Bac
             multi_token=tcfg.multi_token,
         )
         readout: torch.nn.Module = VerbalizerReadout(verbalizer)
+    elif kind == "generate":
+        readout = TargetReadout(
+            tcfg.target, tcfg.label_words, label_names, stop_token(backbone.model, tok), tcfg.max_target_length,
+            leading_space=family.causal_attention and template.text_before_mask().endswith(" "),
+            tokenizer=tok, decoding=tcfg.decoding, num_beams=tcfg.num_beams, seed=seed,
+        )
     else:
         hidden = backbone.model.get_input_embeddings().embedding_dim
         readout = ClsHead(hidden, len(label_names), tcfg.pooling, tcfg.head_dropout)
@@ -155,4 +169,6 @@ def _probe_sites(model, family: Family, tok, seed: int):
 def encode(task: Task, examples: list[dict[str, str]], labels: list[int]) -> Encoded:
     """Render a split: fields tokenised in batches, and cached on disk so a second run does not re-tokenise."""
     ids, answers = render_split(task.renderer, examples)
+    if isinstance(task.model.readout, TargetReadout):
+        return encode_targets(task.renderer, task.model.readout, examples, labels, ids, answers)
     return Encoded(ids, answers, list(labels))

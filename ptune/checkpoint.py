@@ -55,7 +55,7 @@ MAX_DEPTH = 32
 CONFIG_GROUPS = ("backbone", "method", "dataset", "template", "trainer")
 # Keys of a saved config that name files or folders: a checkpoint may come from anyone, so these are never
 # followed unless the user names them again (``ptune eval RUN dataset.dev_file=...``; data.root from PTUNE_DATA).
-DATA_PATH_KEYS = ("data.root", "dataset.train_file", "dataset.dev_file", "dataset.test_file")
+DATA_PATH_KEYS = ("data.root", "dataset.train_file", "dataset.dev_file", "dataset.test_file", "dataset.path")
 
 
 def _check_plain(value: Any, where: str, depth: int = 0, interpolation: bool = False) -> None:

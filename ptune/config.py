@@ -67,17 +67,31 @@ class TemplateConfig:
 
     text: str = MISSING  # fields {text_a}, {mask}, soft tokens {soft}, {soft:N}, {soft:"words"}
     readout: str = "verbalizer"  # verbalizer: label words at {mask} | head: a linear head on an encoder
+    # | generate: {mask} is a target text the backbone writes (causal/seq2seq; ptune/generation.py)
     label_words: dict[str, list[str]] | None = None  # class -> words (verbalizer)
     multi_token: str = "first"  # a label word of several tokens: first | mean | full (causal/seq2seq)
     truncate: str = "tail"  # which end of the longest field is cut: tail | head
     calibrate: bool = False  # contextual calibration (Zhao et al. 2021) against content-free inputs
     pooling: str = "cls"  # head readout: cls | mean
     head_dropout: float = 0.1
+    # readout=generate: the field holding the target text (null: the label's first label word, text-to-text)
+    target: str | None = None
+    max_target_length: int = 32  # target tokens kept (with the end token) and the most tokens decoded
+    decoding: str = "greedy"  # greedy | beam | sample (seeded with trainer.seed)
+    num_beams: int = 4  # decoding=beam
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str) or not self.text.strip():
             raise PtuneError("template.text is empty: write e.g. '{text_a} It was {mask}.'")
-        _choice("template", "readout", self.readout, ("verbalizer", "head"))
+        _choice("template", "readout", self.readout, ("verbalizer", "head", "generate"))
+        _choice("template", "decoding", self.decoding, ("greedy", "beam", "sample"))
+        _integer("template", "max_target_length", self.max_target_length, 2, 4096)
+        _integer("template", "num_beams", self.num_beams, 1, 64)
+        if self.readout == "generate" and self.target is None and not self.label_words:
+            raise PtuneError(
+                "template.readout=generate needs template.target (the field holding the target text) or "
+                "template.label_words (label words as targets)"
+            )
         _choice("template", "multi_token", self.multi_token, ("first", "mean", "full"))
         _choice("template", "truncate", self.truncate, ("tail", "head"))
         _choice("template", "pooling", self.pooling, ("cls", "mean"))

@@ -6,7 +6,9 @@ import contextlib
 import time
 
 import torch
+
 from .batching import Encoded, collate, eval_batches
+from .generation import evaluate_generation, is_generative
 from .metrics import classification_metrics
 
 
@@ -48,6 +50,8 @@ def evaluate(
     model, data: Encoded, batch_size: int, device, amp, left_pad: bool, num_classes: int,
     label_names: list[str] | None = None,
 ) -> dict:
+    if is_generative(model):  # template.readout=generate: decode, then exact match / ROUGE-L / BLEU
+        return evaluate_generation(model, data, batch_size, device, amp)
     start = time.perf_counter()
     logits = predict_logits(model, data, batch_size, device, amp, left_pad)
     wall = time.perf_counter() - start

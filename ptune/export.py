@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_folder
+from .generation import first_step_logits, is_generative
 from .errors import PtuneError
 from .template import SOFT_ID
 
@@ -119,6 +120,16 @@ def _readout_info(task, out: Path) -> dict[str, Any]:
     from .readout import ClsHead
 
     readout = task.model.readout
+    if is_generative(task.model):
+        return {
+            "kind": "generate",
+            "target": readout.target or "the label's first label word",
+            "label_words": readout.label_words,
+            "stop_token_id": readout.stop_id,
+            "max_new_tokens": readout.max_target_length,
+            "how": "decode the target text after the rendered template (greedy, beam or sampling) until the stop "
+            "token; the adapter's first-step logits match ptune's",
+        }
     if isinstance(readout, ClsHead):
         save_file(
             {k: v.detach().float().cpu().contiguous() for k, v in readout.linear.state_dict().items()},
@@ -149,6 +160,8 @@ def _class_scores(task, logits_or_hidden: torch.Tensor, answer_pos: int) -> torc
     from .readout import ClsHead
 
     model = task.model
+    if is_generative(model):  # readout=generate: the first generated token's vocabulary logits
+        return logits_or_hidden[:, model.family.output_answer_index(answer_pos)]
     if isinstance(model.readout, ClsHead):  # hidden states; the head is exported beside the adapter
         h = logits_or_hidden
         return model.readout(h, torch.ones(h.shape[:2], dtype=torch.long, device=h.device))
@@ -174,8 +187,11 @@ def verify(task, out: Path, drop: int) -> float:
     with torch.no_grad():
         for ids, answer in _probe(task):
             t = torch.tensor([ids])
-            ours = task.model(t, torch.ones_like(t), torch.tensor([max(answer, 0)]))
-            theirs = ours  # MUTANT
+            if is_generative(task.model):
+                ours = first_step_logits(task.model, t, torch.ones_like(t))
+            else:
+                ours = task.model(t, torch.ones_like(t), torch.tensor([max(answer, 0)]))
+            theirs = _class_scores(task, _peft_forward(peft_model, task, ids, drop), answer)
             worst = max(worst, float((ours.float() - theirs.float()).abs().max()))
     return worst
 

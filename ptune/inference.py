@@ -121,8 +121,9 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str]) -> dict:
 
 def metrics_line(row: dict) -> str:
     """The machine-readable line ``ptune eval`` prints per checkpoint (full precision, greppable)."""
-    line = f"{row['checkpoint']}: accuracy={row['accuracy']:.6f} macro_f1={row['macro_f1']:.6f}"
-    extra = " ".join(f"{k}={row[k]:.6f}" for k in ("weighted_f1", "mcc", "ece") if k in row)
+    line = f"{row['checkpoint']}: accuracy={row['accuracy']:.6f}"
+    keys = ("macro_f1", "weighted_f1", "mcc", "ece", "exact_match", "rouge_l", "bleu")  # the last 3: readout=generate
+    extra = " ".join(f"{k}={row[k]:.6f}" for k in keys if k in row)
     per_class = " ".join(
         f"{name}:p={m['precision']:.4f},r={m['recall']:.4f},f1={m['f1']:.4f},n={m['support']}"
         for name, m in row.get("per_class", {}).items()
@@ -144,7 +145,7 @@ def print_eval_table(rows: list[dict]) -> None:
             r["split"],
             str(r["examples"]),
             f"{r['accuracy']:.4f}",
-            f"{r['macro_f1']:.4f}",
+            f"{r['macro_f1']:.4f}" if "macro_f1" in r else f"rouge_l {r.get('rouge_l', 0.0):.4f}",
             f"{r['eval_examples_per_s']:.1f}",
         )
     Console().print(table)  # the per-checkpoint metrics lines were printed by evaluate_checkpoint

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SELECTABLE = ("accuracy", "macro_f1", "weighted_f1", "mcc", "macro_precision", "macro_recall")
+SELECTABLE = ("accuracy", "macro_f1", "weighted_f1", "mcc", "macro_precision", "macro_recall", "rouge_l", "bleu")
 ECE_BINS = 15
 
 

@@ -214,6 +214,10 @@ def predict_main(argv: list[str]) -> None:
     parser.add_argument("--output", help="JSONL file to write (default: standard output)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    parser.add_argument(
+        "--generate", action="store_true",
+        help='write the generated text of template.readout=generate checkpoints: {"index", "checkpoint", "text"}',
+    )
     args = parser.parse_args(argv)
     paths = [p for p in args.paths if "=" not in p]
     overrides = [p for p in args.paths if "=" in p]
@@ -224,20 +228,10 @@ def predict_main(argv: list[str]) -> None:
     # input and output are checked before loading any model: a bad file should cost no waiting
     output = check_output_path(args.output) if args.output else None
     inputs = read_jsonl(args.input) if args.input is not None else []
-    from .serving import PromptServer
-
-    server = PromptServer(paths, overrides, device=args.device)
-    if args.input is not None:
-        source = str(args.input)
+    if args.generate:
+        rows = _generated_rows(args, paths, overrides, inputs)
     else:
-        many = [p.name for p in server.prompts if len(p.fields) > 1]
-        if many:
-            raise PtuneError(
-                f"--text fills one field, but the template of {many[0]!r} reads several: use --input with JSONL"
-            )
-        inputs = [{p.fields[0]: args.text for p in server.prompts}]
-        source = "--text"
-    rows = predict(paths, inputs, batch_size=args.batch_size, server=server, source=source)
+        rows = _class_rows(args, paths, overrides, inputs)
     # allow_nan=False: predict() already maps non-finite scores to null; a NaN slipping through must fail here
     # rather than write a line no strict JSON reader accepts
     text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
@@ -254,3 +248,34 @@ def predict_main(argv: list[str]) -> None:
         print(f"wrote {len(rows)} predictions to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
+
+
+def _generated_rows(args, paths: list[str], overrides: list[str], inputs: list[dict]) -> list[dict[str, Any]]:
+    from .generation import predict_generate
+
+    if args.input is None:  # --text fills the first field of each checkpoint's template
+        from .inference import load_task
+
+        fields = load_task(paths[0], overrides)[0].renderer.template.field_names
+        if len(fields) > 1:
+            raise PtuneError(f"--text fills one field, but the template of {paths[0]!r} reads several: use --input")
+        inputs = [{fields[0]: args.text}]
+    source = str(args.input) if args.input is not None else "--text"
+    return predict_generate(paths, inputs, overrides, args.batch_size, args.device, source)
+
+
+def _class_rows(args, paths: list[str], overrides: list[str], inputs: list[dict]) -> list[dict[str, Any]]:
+    from .serving import PromptServer
+
+    server = PromptServer(paths, overrides, device=args.device)
+    if args.input is not None:
+        source = str(args.input)
+    else:
+        many = [p.name for p in server.prompts if len(p.fields) > 1]
+        if many:
+            raise PtuneError(
+                f"--text fills one field, but the template of {many[0]!r} reads several: use --input with JSONL"
+            )
+        inputs = [{p.fields[0]: args.text for p in server.prompts}]
+        source = "--text"
+    return predict(paths, inputs, batch_size=args.batch_size, server=server, source=source)

@@ -24,6 +24,7 @@ from .errors import PtuneError
 MODES = ("none", "int8", "nf4")
 NF4_BLOCK = 64  # weights per 4-bit block (one scale each): QLoRA's value
 NF4_MAX_SCALER_BLOCK = 256  # blocks per double-quantisation group of the scales: QLoRA's value
+NF4_SHARDABLE = 8  # scale groups per weight come in multiples of this: FSDP2 can shard over 2, 4 or 8 ranks
 
 
 def is_quantized(tensor: torch.Tensor) -> bool:
@@ -89,7 +90,9 @@ def _quantizer(mode: str):
             return None
         blocks = w.numel() // NF4_BLOCK
         scaler_block = NF4_MAX_SCALER_BLOCK
-        while blocks % scaler_block:  # the scales are grouped in a power of two that divides their count
+        # Scales are grouped in a power of two that divides their count, into a multiple of NF4_SHARDABLE groups
+        # where the weight allows: FSDP2 splits every part of an NF4 tensor evenly over the ranks.
+        while scaler_block > 1 and (blocks % scaler_block or (blocks // scaler_block) % NF4_SHARDABLE):
             scaler_block //= 2
         return ao.to_nf4(w.contiguous(), NF4_BLOCK, scaler_block)
 

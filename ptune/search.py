@@ -258,8 +258,9 @@ def write_search_report(folder: Path):
     trials = study.get_trials(deepcopy=False)
     keys = list(dict.fromkeys(k for t in trials for k in t.params))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    best = max(complete, key=lambda t: t.value if study.direction.name == "MAXIMIZE" else -t.value) if complete else None
-    metric = (best or (trials[0] if trials else None)).user_attrs.get("metric", "value") if trials else "value"
+    sign = 1 if study.direction.name == "MAXIMIZE" else -1
+    best = max(complete, key=lambda t: sign * t.value) if complete else None
+    metric = next((t.user_attrs["metric"] for t in complete if "metric" in t.user_attrs), "value")
 
     def row(t) -> list[str]:
         value = "" if t.value is None else f"{t.value:.6f}"

@@ -59,14 +59,21 @@ class Tracker:
         self._tb = None
         self._mlflow = None
         self._pending: list = []
+        self._artifacts: Path | None = None
         if "tensorboard" in loggers:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise PtuneError("trainer.loggers=[tensorboard] needs the tensorboard package: pip install tensorboard") from None
+                raise PtuneError(
+                    "trainer.loggers=[tensorboard] needs the tensorboard package: pip install tensorboard"
+                ) from None
             self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
         if "mlflow" in loggers:
-            self._open_mlflow(cfg, mlflow_uri or default_mlflow_uri(self.out_dir))
+            uri = mlflow_uri or default_mlflow_uri(self.out_dir)
+            # artifacts beside a local SQLite store (MLflow's default would be ./mlruns in the current folder)
+            local = uri.startswith("sqlite:///")
+            self._artifacts = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" if local else None
+            self._open_mlflow(cfg, uri)
 
     # ---------------------------------------------------------------------------------------------- mlflow
     def _open_mlflow(self, cfg: DictConfig, uri: str) -> None:
@@ -85,7 +92,8 @@ class Tracker:
         if run_id is None:
             name = str(OmegaConf.select(cfg, "experiment_name", default="default") or "default")
             exp = client.get_experiment_by_name(name)
-            exp_id = exp.experiment_id if exp else client.create_experiment(name)
+            where = (self._artifacts / name).as_uri() if self._artifacts else None
+            exp_id = exp.experiment_id if exp else client.create_experiment(name, artifact_location=where)
             run = client.create_run(exp_id, run_name=self.out_dir.name, tags={"ptune.run_folder": str(self.out_dir)})
             run_id = run.info.run_id
             plain = OmegaConf.to_container(cfg, resolve=True)
@@ -156,15 +164,17 @@ class Tracker:
             self._mlflow = None
 
     def close(self, failed: bool = False) -> None:
+        """End of the loop (run_training's `finally`): flush; end the MLflow run only when the loop failed."""
         self._write_csv()
         if self._tb is not None:
             self._tb.close()
             self._tb = None
         if self._mlflow:
             self._flush_mlflow()
-            client, run_id = self._mlflow
-            client.set_terminated(run_id, "FAILED" if failed else "KILLED")
-            self._mlflow = None
+            if failed:  # else `finish` (after the loop) logs the results and ends the MLflow run
+                client, run_id = self._mlflow
+                client.set_terminated(run_id, "FAILED")
+                self._mlflow = None
 
     # ------------------------------------------------------------------------------------------------- csv
     def _read_csv(self, before: int) -> list[list]:

@@ -29,6 +29,8 @@ from .data import load_train_dev
 from .errors import PtuneError
 from .evaluate import autocast, evaluate
 from .frozen import prepare_frozen_backbone
+from .generation import is_generative, lm_loss
+from .memory import apply_memory_features, check_combination
 from .metrics import plot_confusion
 from .progress import Reporter, SilentReporter
 from .resume import LoopState
@@ -58,6 +60,8 @@ def run_training(cfg: DictConfig, out_dir: Path) -> dict:
     finally:
         run.close()
     if not d.is_main:
+        if run.sharded and run.task.model.tuner.folds_at_save:
+            follow_evaluation(run)  # rank 0's final evaluation of the folded checkpoint (see finish)
         return distributed.broadcast_object(None)  # rank 0's results
     results = finish(run, loop, time.perf_counter() - start)
     if d.enabled:
@@ -105,6 +109,11 @@ class Run:
         return self.task.model
 
     @property
+    def sharded(self) -> bool:
+        """The backbone's blocks are FSDP2-sharded over the ranks: every rank must run every forward of it."""
+        return self.tr.shard_backbone and self.d.enabled
+
+    @property
     def params(self) -> list[torch.nn.Parameter]:
         return [p for g in self.opt.param_groups for p in g["params"]]
 
@@ -136,6 +145,7 @@ def prepare(cfg: DictConfig, tr: TrainerConfig, d: distributed.Dist, out_dir: Pa
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
     amp = pick_amp(tr.precision, device)
+    check_combination(tr, str(cfg.backbone.get("quantize", "none")), d.world_size)
     train_split, dev_split = load_train_dev(cfg, tr.seed)
     task = build_task(cfg, train_split.label_names, tr.seed)
     task.model.to(device)
@@ -146,6 +156,7 @@ def prepare(cfg: DictConfig, tr: TrainerConfig, d: distributed.Dist, out_dir: Pa
         distributed.broadcast_params([p for g in opt.param_groups for p in g["params"]])
     # Compiled code would not see the fused projections' bookkeeping: fuse only in eager mode.
     prepare_frozen_backbone(task.backbone.model, amp, tr.cast_frozen_weights, tr.fuse_projections and not tr.compile)
+    apply_memory_features(task, tr, d.world_size, device)  # gradient checkpointing, FSDP2 sharding
     if tr.compile:
         compile_backbone(task.model)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,14 +184,18 @@ def train_step(run: Run, loop: LoopState) -> float:
         share = 1.0
         if d.enabled:  # this rank's slice of the global batch, weighted by its share of the examples
             local = distributed.shard(idx, d.rank, d.world_size)
-            share, idx = len(local) / len(idx), local
+            # Sharded blocks need this rank in every forward: a rank without rows runs one at weight 0.
+            share, idx = len(local) / len(idx), local or (idx[:1] if run.sharded else [])
             if not idx:
                 continue
         b = collate(run.train_data, idx, model.pad_id, run.task.left_pad)
         kernel = attention_kernel(tr.attention_kernel, device, run.amp, b["input_ids"].shape[1])
         with autocast(device, run.amp), kernel:
-            logits = model(b["input_ids"].to(device), b["attention_mask"].to(device), b["answer_pos"].to(device))
-        loss = torch.nn.functional.cross_entropy(logits.float(), b["labels"].to(device))
+            if is_generative(model):  # template.readout=generate: LM loss of the target tokens only
+                loss = lm_loss(model, run.train_data, idx, device)
+            else:
+                logits = model(b["input_ids"].to(device), b["attention_mask"].to(device), b["answer_pos"].to(device))
+                loss = torch.nn.functional.cross_entropy(logits.float(), b["labels"].to(device))
         if not d.enabled and not torch.isfinite(loss):
             raise PtuneError(non_finite_loss(loss.item(), loop, tr))
         run.scaler.scale(loss * share / tr.grad_accum).backward()
@@ -211,6 +226,8 @@ def evaluate_and_keep_best(run: Run, loop: LoopState, loss: float) -> bool:
     learns whether to stop early. Returns True to stop."""
     tr, task = run.tr, run.task
     if not run.d.is_main:
+        if run.sharded:  # the sharded blocks need every rank in every forward: evaluate alongside rank 0
+            follow_evaluation(run)
         return distributed.broadcast_flag(False, run.device)  # rank 0 evaluates and decides
     calibrate = bool(run.cfg.template.get("calibrate"))
     if calibrate:  # before the eval that decides the save: both see this offset
@@ -222,7 +239,8 @@ def evaluate_and_keep_best(run: Run, loop: LoopState, loss: float) -> bool:
     loop.history.append({"step": loop.step, "loss": loss, **res})
     run.tracker.evaluation(loop.step, res)
     atomic_write_text(run.out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in loop.history))
-    run.reporter.message(f"eval step {loop.step}: accuracy {res['accuracy']:.4f} macro_f1 {res['macro_f1']:.4f}")
+    shown = " ".join(f"{k} {res[k]:.4f}" for k in ("accuracy", "macro_f1", "rouge_l", "bleu") if k in res)
+    run.reporter.message(f"eval step {loop.step}: {shown}")
     stop = False
     if res[tr.metric] > loop.best:
         loop.best, loop.best_step, loop.bad_evals = res[tr.metric], loop.step, 0
@@ -237,6 +255,21 @@ def evaluate_and_keep_best(run: Run, loop: LoopState, loss: float) -> bool:
     if stop:
         run.reporter.message(f"early stopping at step {loop.step}: no improvement in {loop.bad_evals} evals")
     return stop
+
+
+def follow_evaluation(run: Run) -> None:
+    """A rank other than 0 of a sharded backbone runs the forwards of rank 0's evaluation (calibration included)
+    and drops the numbers."""
+    task = run.task
+    calibrate = bool(run.cfg.template.get("calibrate"))
+    if calibrate:
+        calibration.calibrate(task, run.device, run.amp)
+    evaluate(
+        run.model, run.dev_data, run.tr.eval_batch_size, run.device, run.amp, task.left_pad, len(task.label_names),
+        task.label_names,
+    )
+    if calibrate:
+        calibration.reset(task)
 
 
 def finish(run: Run, loop: LoopState, wall_s: float) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import peft  # a pinned dev dependency: if it breaks, these tests must fail, not skip silently
 import pytest
 import torch
 
@@ -16,8 +17,6 @@ from ptune.tuners import deep_attention as da
 from .helpers import SENTENCES, make_cfg
 from .test_cli import ptune
 from .test_serving import save_prompt
-
-peft = pytest.importorskip("peft")
 
 
 def fresh_base(path, kind: str):

@@ -118,11 +118,13 @@ def test_mlflow_store_shows_params_metrics_and_the_checkpoint(tiny_models, tiny_
     assert got.data.metrics["dev/mcc"] == pytest.approx(res["metrics"]["mcc"])
     artifacts = [a.path for a in client.list_artifacts(info["run_id"], "checkpoint")]
     assert "checkpoint/prompt.safetensors" in artifacts
+    # artifacts live beside the SQLite store, not in the current folder
+    assert list((tmp_path / "outputs" / "mlartifacts").rglob("prompt.safetensors"))
 
 
 def test_tensorboard_switch_is_an_alias_of_the_logger(tiny_models, tiny_csv, tmp_path):
-    from ptune.tracking import open_tracker
     from ptune.config import trainer_config
+    from ptune.tracking import open_tracker
 
     cfg = _cfg(tiny_models, tiny_csv, "trainer.tensorboard=true")
     tracker = open_tracker(cfg, trainer_config(cfg), tmp_path)
@@ -136,7 +138,7 @@ def test_eval_prints_the_metrics_and_version(tiny_models, tiny_csv, tmp_path):
     run_training(_cfg(tiny_models, tiny_csv, "trainer.max_steps=1", "trainer.eval_every=1"), run)
     out = ptune("eval", str(run), f"dataset.dev_file={tiny_csv['dev']}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    saved = json.loads((run / "checkpoint" / "eval.json").read_text())
+    saved = json.loads((run / "eval.json").read_text())
     assert f"mcc={saved['mcc']:.6f}" in out.stdout and f"ece={saved['ece']:.6f}" in out.stdout
     neg = saved["per_class"]["negative"]
     assert f"negative:p={neg['precision']:.4f},r={neg['recall']:.4f}" in out.stdout

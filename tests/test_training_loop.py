@@ -304,8 +304,8 @@ def test_sweep_marks_the_nan_job_failed_and_finishes_the_other(tiny_models, tiny
     sweep = tmp_path / "sweep"
     args = [a for a in csv_overrides(tiny_models, tiny_csv) if not a.startswith(("trainer.eval_every", "trainer.max"))]
     res = ptune(
-        "train", "-m", *args, "trainer.max_steps=2", "trainer.eval_every=1", "trainer.precision=fp32", "trainer.lr=0.01,1e30",
-        f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+        "train", "-m", *args, "trainer.max_steps=2", "trainer.eval_every=1", "trainer.precision=fp32",
+        "trainer.lr=0.01,1e30", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
     )
     assert res.returncode == 1, res.stderr[-3000:]
     assert "1 of 2 jobs failed" in res.stderr
@@ -324,21 +324,21 @@ def test_eval_overrides_choose_the_split_and_the_sample_cap(tiny_models, tiny_cs
     from ptune.evaluate import metrics_from_logits
     from ptune.inference import evaluate_checkpoint, load_task
 
-    from .helpers import make_cfg
+    from .helpers import batch, logits, make_cfg
     from .test_serving import save_prompt
 
     cfg = make_cfg(tiny_models["bert"], "soft_prompt", prompt_length=3)
     run = save_prompt(tmp_path, "run", cfg, seed=2)
     test_rows = [(s, ["positive", "negative"][i % 3 == 0]) for i, s in enumerate(SENTENCES + SENTENCES[:1])]
     test = write_csv(tmp_path / "test.csv", test_rows)
-    files = [f"dataset.dev_file={tiny_csv['dev']}", f"dataset.test_file={test}", "dataset.label_names=[negative,positive]"]
+    files = [
+        f"dataset.dev_file={tiny_csv['dev']}", f"dataset.test_file={test}", "dataset.label_names=[negative,positive]",
+    ]
 
     out = evaluate_checkpoint(run, [*files, "dataset.eval_split=test"])
     assert (out["split"], out["examples"]) == ("test", 7)
     # the reference: the checkpoint's model over the test rows, scored here
     task, _, _, _ = load_task(run)
-    from .helpers import batch, logits
-
     _, b = batch(task, [t for t, _ in test_rows])
     labels = [["negative", "positive"].index(lab) for _, lab in test_rows]
     expected = metrics_from_logits(logits(task, b), labels, 2)

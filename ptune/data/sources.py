@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from ptune.data.safe_pickle import safe_load
 from ptune.errors import PtuneError
 
-VALID_DATASETS: tuple[str, ...] = ("sst2", "cb", "inews", "csv", "tsv", "jsonl")
+VALID_DATASETS: tuple[str, ...] = ("sst2", "cb", "inews", "csv", "tsv", "jsonl", "hf")
 # User-facing split names -> canonical name; "validation" is the Hugging Face spelling of "dev".
 _SPLIT_ALIASES: dict[str, str] = {"train": "train", "dev": "dev", "validation": "dev", "test": "test"}
 _FILE_KEYS: dict[str, str] = {"train": "train_file", "dev": "dev_file", "test": "test_file"}
@@ -105,6 +105,10 @@ def load_split(dataset_cfg: Mapping, split: str, data_root: str | None) -> Split
         return _load_builtin(name, canonical, data_root)
     if name == "inews":
         return _load_inews(canonical)
+    if name == "hf":
+        from .hf import load_hf_split
+
+        return load_hf_split(cfg, canonical, data_root)
     return _load_user_file(name, cfg, canonical, data_root)
 
 
@@ -415,33 +419,7 @@ def _load_user_file(name: str, cfg: dict[str, Any], split: str, data_root: str |
         path = found or candidates[0]
     if not path.exists():
         raise PtuneError(f"data file not found: {path} (dataset.{key}={raw_path!r})")
-
-    fields = cfg.get("fields")
-    if isinstance(fields, Mapping):  # a field set to null (text_b: null ships in the schema) is not read
-        fields = {k: v for k, v in fields.items() if v is not None}
-    if (
-        not isinstance(fields, Mapping)
-        or not fields
-        or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in fields.items())
-    ):
-        raise PtuneError(
-            "dataset.fields must map template field names to column names, e.g. {text_a: review}; "
-            f"got {_short(fields)}"
-        )
-    label_names = cfg.get("label_names")
-    if (
-        not isinstance(label_names, (list, tuple))
-        or not label_names
-        or not all(isinstance(n, str) and n for n in label_names)
-        or len(set(label_names)) != len(label_names)
-    ):
-        raise PtuneError(
-            f"dataset.label_names must be a non-empty list of distinct strings; got {_short(label_names)}"
-        )
-    label_column = cfg.get("label_column") or "label"
-    if not isinstance(label_column, str):
-        raise PtuneError(f"dataset.label_column must be a column name, got {_short(label_column)}")
-
+    fields, label_names, label_column = column_mapping(cfg)
     if name == "jsonl":
         records: Iterable[tuple[str, Mapping[str, object]]] = _read_jsonl(path, fields, label_column)
     else:
@@ -454,4 +432,35 @@ def _load_user_file(name: str, cfg: dict[str, Any], split: str, data_root: str |
         # TSV is read unquoted as in GLUE (sentences may start with '"'); CSV uses standard quoting.
         quoting = csv.QUOTE_MINIMAL if name == "csv" else csv.QUOTE_NONE
         records = _read_delimited(path, delimiter, quoting, fields, label_column)
-    return _build_split(records, fields, label_column, list(label_names), str(path))
+    return _build_split(records, fields, label_column, label_names, str(path))
+
+
+def column_mapping(cfg: Mapping[str, Any], label_names_found: list[str] | None = None) -> tuple[dict, list, str]:
+    """(fields, label names, label column) of a user data set, checked: the same rules for csv/tsv/jsonl and hf.
+    ``label_names_found``: names the data itself declares (a datasets ClassLabel), used when none are set."""
+    fields = cfg.get("fields")
+    if isinstance(fields, Mapping):  # a field set to null (text_b: null ships in the schema) is not read
+        fields = {k: v for k, v in fields.items() if v is not None}
+    if (
+        not isinstance(fields, Mapping)
+        or not fields
+        or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in fields.items())
+    ):
+        raise PtuneError(
+            "dataset.fields must map template field names to column names, e.g. {text_a: review}; "
+            f"got {_short(fields)}"
+        )
+    label_names = cfg.get("label_names") or label_names_found
+    if (
+        not isinstance(label_names, (list, tuple))
+        or not label_names
+        or not all(isinstance(n, str) and n for n in label_names)
+        or len(set(label_names)) != len(label_names)
+    ):
+        raise PtuneError(
+            f"dataset.label_names must be a non-empty list of distinct strings; got {_short(label_names)}"
+        )
+    label_column = cfg.get("label_column") or "label"
+    if not isinstance(label_column, str):
+        raise PtuneError(f"dataset.label_column must be a column name, got {_short(label_column)}")
+    return dict(fields), list(label_names), label_column

@@ -1,0 +1,371 @@
+"""template.readout=generate: the answer slot is a target text that the frozen backbone writes.
+
+Training minimises the LM loss of the target tokens only: a causal LM reads prompt + input + target (loss on the
+target), a seq2seq model reads prompt + input in the encoder and the target in the decoder.
+
+Decoding (greedy, beam search, seeded sampling) is owned here. With ``use_cache`` the backbone's own cache
+(DynamicCache / EncoderDecoderCache) holds the keys and values of the real tokens only; deep prompts never enter
+it: their key/value prefixes are computed once per ``generate`` call (``tuner.deep_prefixes()``, a folded or
+MLP-reparameterised prompt included), held as [1, heads, P, head_dim] in the deep-attention state for the whole
+decode, and prepended by ``ptune_sdpa`` at every step (an ``expand``, no copy per row or per beam). Soft tokens
+are ordinary input positions: they are computed once at the prefill and then live in the cache like any token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
+
+from .batching import Encoded, eval_batches
+from .errors import PtuneError
+from .families import position_ids
+from .template import SOFT_ID
+from .tuners import deep_attention as da
+
+STRATEGIES = ("greedy", "beam", "sample")
+
+
+class TargetReadout(nn.Module):
+    """The readout of template.readout=generate: no parameters, only where the target text comes from.
+
+    ``target``: the example field holding the target text, or None for the label's first label word
+    (text-to-text classification)."""
+
+    def __init__(self, target: str | None, label_words: dict | None, label_names: list[str], stop_id: int,
+                 max_target_length: int, leading_space: bool, tokenizer=None, decoding: str = "greedy",
+                 num_beams: int = 4, seed: int = 0):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.settings = {"strategy": decoding, "num_beams": num_beams, "seed": seed,
+                         "max_new_tokens": max_target_length}
+        self.target = target
+        self.label_words = dict(label_words or {})
+        self.label_names = list(label_names)
+        self.stop_id = stop_id
+        self.max_target_length = max_target_length
+        self.leading_space = leading_space
+        if target is None:
+            missing = [n for n in self.label_names if not self.label_words.get(n)]
+            if missing:
+                raise PtuneError(
+                    f"template.readout=generate without template.target needs a label word for every class: "
+                    f"{missing[0]!r} has none in template.label_words"
+                )
+
+    def target_text(self, example: dict[str, str], label: int) -> str:
+        if self.target is None:
+            return str(self.label_words[self.label_names[label]][0])
+        if self.target not in example:
+            raise PtuneError(f"template.target={self.target!r} is not a field of the data: {', '.join(example)}")
+        return str(example[self.target]).strip()
+
+
+def is_generative(model) -> bool:
+    return isinstance(getattr(model, "readout", None), TargetReadout)
+
+
+def stop_token(model, tok) -> int:
+    """The token that ends a target: the model's eos, else the tokenizer's eos or [SEP]."""
+    eos = getattr(model.config, "eos_token_id", None)
+    if isinstance(eos, list | tuple):
+        eos = eos[0] if eos else None
+    for cand in (eos, getattr(tok, "eos_token_id", None), getattr(tok, "sep_token_id", None)):
+        if cand is not None:
+            return int(cand)
+    raise PtuneError("template.readout=generate needs a backbone with an end-of-sequence token")
+
+
+@dataclass
+class GenEncoded(Encoded):
+    """Rendered prompts plus each example's target tokens (ending with the stop token) and text."""
+
+    target_ids: list[list[int]] | None = None
+    targets: list[str] | None = None
+
+
+def encode_targets(renderer, readout: TargetReadout, examples, labels, ids, answers) -> GenEncoded:
+    texts = [readout.target_text(ex, lab) for ex, lab in zip(examples, labels, strict=True)]
+    shown = [(" " + t if readout.leading_space and t else t) for t in texts]
+    tok = renderer.tokenizer
+    tokenised = tok(shown, add_special_tokens=False)["input_ids"] if shown else []
+    target_ids = [list(t)[: readout.max_target_length - 1] + [readout.stop_id] for t in tokenised]
+    return GenEncoded(ids, answers, list(labels), target_ids, texts)
+
+
+def collate_prompts(input_ids: list[list[int]], pad_id: int, left_pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in input_ids)
+    ids, mask = [], []
+    for r in input_ids:
+        pad = width - len(r)
+        ids.append([pad_id] * pad + r if left_pad else r + [pad_id] * pad)
+        mask.append([0] * pad + [1] * len(r) if left_pad else [1] * len(r) + [0] * pad)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+
+def _prefixes(pm, bare: bool):
+    return pm.tuner.deep_prefixes() if pm.tuner.is_deep and not bare else None
+
+
+# ------------------------------------------------------------------------------------------------ training loss
+def lm_loss(pm, data: GenEncoded, idx: list[int], device: torch.device) -> torch.Tensor:
+    """Mean cross-entropy of the target tokens of examples ``idx`` given their prompts."""
+    targets = [data.target_ids[i] for i in idx]
+    prompts = [data.input_ids[i] for i in idx]
+    model, family = pm.backbone, pm.family
+    with da.prefixes(_prefixes(pm, False)):
+        if family.name == "seq2seq":
+            ids, mask = collate_prompts(prompts, pm.pad_id, False)
+            width = max(len(t) for t in targets)
+            labels = torch.tensor([t + [-100] * (width - len(t)) for t in targets], device=device)
+            start = family.decoder_start(model, len(idx), device)
+            dec = torch.cat([start, labels[:, :-1].clamp(min=0)], 1)
+            dec = dec.masked_fill(dec < 0, pm.pad_id)
+            logits = model(
+                inputs_embeds=pm.embed(ids.to(device)), attention_mask=mask.to(device), decoder_input_ids=dec
+            ).logits
+            return nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        rows = [p + t for p, t in zip(prompts, targets, strict=True)]
+        ids, mask = collate_prompts(rows, pm.pad_id, family.left_pad)
+        width = ids.shape[1]
+        lab = [[-100] * (width - len(t)) + t if family.left_pad else [-100] * len(p) + t + [-100] * (width - len(p)
+               - len(t)) for p, t in zip(prompts, targets, strict=True)]
+        labels = torch.tensor(lab, device=device)
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = pm.hidden_states(pm.embed(ids), mask)
+        where = labels[:, 1:] != -100  # position i predicts token i + 1
+        h = hidden[:, :-1][where]
+        logits = family.head_logits(model, h, None)
+        return nn.functional.cross_entropy(logits.float(), labels[:, 1:][where])
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+class _Decoder:
+    """One family's incremental forward: ``start`` returns the first next-token logits, ``step`` feeds the
+    chosen tokens, ``select`` reorders rows (beam search)."""
+
+    def __init__(self, pm, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool, bare: bool):
+        self.pm, self.use_cache = pm, use_cache
+        if bare:  # the backbone alone: soft slots removed, deep prefixes off
+            keep = ids != SOFT_ID
+            rows = [r[k].tolist() for r, k, m in zip(ids, keep & (mask > 0), mask, strict=True)]
+            ids, mask = collate_prompts(rows, pm.pad_id, pm.family.left_pad)
+            ids, mask = ids.to(keep.device), mask.to(keep.device)
+        self.seq2seq = pm.family.name == "seq2seq"
+        self.embeds = pm.embed(ids)
+        self.mask = mask
+        self.cache = None
+        self.generated: torch.Tensor = ids.new_zeros(ids.shape[0], 0)
+        if self.seq2seq:
+            enc = pm.backbone.get_encoder()(inputs_embeds=self.embeds, attention_mask=mask).last_hidden_state
+            self.enc = enc
+
+    def _logits(self, new: torch.Tensor | None) -> torch.Tensor:
+        pm = self.pm
+        if self.seq2seq:
+            start = pm.family.decoder_start(pm.backbone, self.mask.shape[0], self.mask.device)
+            dec = torch.cat([start, self.generated], 1)
+            if self.use_cache and self.cache is not None:
+                dec = dec[:, -1:]
+            out = pm.backbone(
+                encoder_outputs=BaseModelOutput(last_hidden_state=self.enc), attention_mask=self.mask,
+                decoder_input_ids=dec, cache=self.cache, use_cache=self.use_cache,
+            )
+            if self.use_cache:
+                self.cache = out.past_key_values
+            return out.logits[:, -1].float()
+        if new is not None:
+            self.embeds = torch.cat([self.embeds, pm.embeddings(new[:, None]).to(self.embeds.dtype)], 1)
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
+        pos = position_ids(self.mask)
+        kwargs = {"position_ids": pos} if pm._takes_positions else {}
+        if self.use_cache:
+            embeds = self.embeds if self.cache is None else self.embeds[:, -1:]
+            if self.cache is not None and "position_ids" in kwargs:
+                kwargs["position_ids"] = pos[:, -1:]
+            out = pm.body(inputs_embeds=embeds, attention_mask=self.mask, cache=self.cache, use_cache=True,
+                          **kwargs)
+            self.cache = out.past_key_values
+        else:
+            out = pm.body(inputs_embeds=self.embeds, attention_mask=self.mask, use_cache=False, **kwargs)
+        return pm.family.head_logits(pm.backbone, out.last_hidden_state[:, -1], None).float()
+
+    def start(self) -> torch.Tensor:
+        return self._logits(None)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.generated = torch.cat([self.generated, tokens[:, None]], 1)
+        return self._logits(tokens)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.mask, self.embeds, self.generated = self.mask[rows], self.embeds[rows], self.generated[rows]
+        if self.seq2seq:
+            self.enc = self.enc[rows]
+        if self.cache is not None:
+            self.cache.reorder_cache(rows)
+
+
+@torch.no_grad()
+def generate(
+    pm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int, stop_id: int,
+    strategy: str = "greedy", num_beams: int = 4, seed: int = 0, temperature: float = 1.0,
+    use_cache: bool = True, bare: bool = False,
+) -> list[list[int]]:
+    """Generated token ids per row (without the stop token). ``bare``: the backbone alone (no prompt)."""
+    if strategy not in STRATEGIES:
+        raise PtuneError(f"decoding strategy {strategy!r} is not valid: use one of {', '.join(STRATEGIES)}")
+    b = input_ids.shape[0]
+    k = num_beams if strategy == "beam" else 1
+    if k > 1:
+        input_ids, attention_mask = input_ids.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0)
+    gen = torch.Generator(device=input_ids.device).manual_seed(seed) if strategy == "sample" else None
+    with da.prefixes(_prefixes(pm, bare)):
+        dec = _Decoder(pm, input_ids, attention_mask, use_cache, bare)
+        logits = dec.start()
+        n = input_ids.shape[0]
+        done = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
+        scores = torch.zeros(b, k, device=input_ids.device)
+        scores[:, 1:] = float("-inf")
+        lengths = torch.zeros(n, device=input_ids.device)
+        for t in range(max_new_tokens):
+            if strategy == "beam":
+                logp = torch.log_softmax(logits, -1)
+                forced = torch.full_like(logp, float("-inf"))
+                forced[:, stop_id] = 0.0
+                logp = torch.where(done[:, None], forced, logp)
+                v = logp.shape[-1]
+                cand = (scores.view(-1, 1) + logp).view(b, k * v)
+                top, flat = cand.topk(k, -1)
+                rows = (torch.arange(b, device=flat.device)[:, None] * k + flat // v).view(-1)
+                tokens = (flat % v).view(-1)
+                scores = top
+                done, lengths = done[rows], lengths[rows]
+                dec.select(rows)
+            elif strategy == "sample":
+                probs = torch.softmax(logits / max(temperature, 1e-6), -1)
+                tokens = torch.multinomial(probs, 1, generator=gen).view(-1)
+            else:
+                tokens = logits.argmax(-1)
+            tokens = torch.where(done, torch.full_like(tokens, stop_id), tokens)
+            lengths = lengths + (~done).float()
+            done = done | (tokens == stop_id)
+            if t == max_new_tokens - 1 or bool(done.all()):
+                dec.generated = torch.cat([dec.generated, tokens[:, None]], 1)
+                break
+            logits = dec.step(tokens)
+        out = dec.generated
+    if k > 1:
+        best = (scores / lengths.view(b, k).clamp(min=1)).argmax(-1)
+        out = out.view(b, k, -1)[torch.arange(b), best]
+    result = []
+    for row in out.tolist():
+        result.append(row[: row.index(stop_id)] if stop_id in row else row)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def generate_texts(pm, data: Encoded, batch_size: int, device, amp, bare: bool = False,
+                   use_cache: bool = True, **overrides) -> list[str]:
+    """Decode every example of ``data`` (sorted-by-length batches) and return texts in the data's order;
+    decoding settings come from the template (``TargetReadout.settings``) unless ``overrides`` name them."""
+    from .evaluate import autocast
+
+    tok, settings = pm.readout.tokenizer, {**pm.readout.settings, **overrides}
+    out: list[str] = [""] * len(data.input_ids)
+    was_training = pm.training
+    pm.eval()
+    lengths = [len(x) for x in data.input_ids]
+    with torch.inference_mode(), autocast(device, amp):
+        for idx in eval_batches(lengths, batch_size):
+            ids, mask = collate_prompts([data.input_ids[i] for i in idx], pm.pad_id, pm.family.left_pad)
+            rows = generate(
+                pm, ids.to(device), mask.to(device), max_new_tokens=settings["max_new_tokens"],
+                stop_id=pm.readout.stop_id, strategy=settings["strategy"], num_beams=settings["num_beams"],
+                seed=settings["seed"], use_cache=use_cache, bare=bare,
+            )
+            for i, r in zip(idx, rows, strict=True):
+                out[i] = tok.decode(r, skip_special_tokens=True).strip()
+    pm.train(was_training)
+    return out
+
+
+def evaluate_generation(pm, data: GenEncoded, batch_size: int, device, amp, bare: bool = False) -> dict:
+    """Decode the split and score the texts against the targets (generation_metrics)."""
+    import time
+
+    start = time.perf_counter()
+    preds = generate_texts(pm, data, batch_size, device, amp, bare)
+    wall = time.perf_counter() - start
+    res = generation_metrics(preds, list(data.targets or []))
+    res["eval_examples_per_s"] = len(preds) / max(wall, 1e-9)
+    return res
+
+
+class _Chars:
+    """rouge-score tokenizer: every non-space character is a token (character-level ROUGE for Chinese)."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return [c for c in text if not c.isspace()]
+
+
+def generation_metrics(preds: list[str], refs: list[str]) -> dict:
+    """exact_match (also reported as accuracy: comparable with a verbalizer on label-word targets),
+    character-level ROUGE-L F1 (rouge-score's LCS) and corpus BLEU (sacrebleu, its Chinese tokenizer ``zh``)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    n = max(len(refs), 1)
+    exact = sum(p.strip() == r.strip() for p, r in zip(preds, refs, strict=True)) / n
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Chars())
+    rouge = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs, strict=True)) / n
+    bleu = sacrebleu.corpus_bleu(preds, [refs], tokenize="zh").score if refs else 0.0
+    return {"accuracy": exact, "exact_match": exact, "rouge_l": rouge, "bleu": bleu}
+
+
+@torch.no_grad()
+def first_step_logits(pm, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits of the first generated token (what ``ptune export`` compares with PEFT's)."""
+    with da.prefixes(_prefixes(pm, False)):
+        return _Decoder(pm, input_ids, attention_mask, use_cache=False, bare=False).start()
+
+
+def predict_generate(paths, inputs, overrides, batch_size: int, device: str | None, source: str) -> list[dict]:
+    """``ptune predict --generate``: the text each checkpoint (template.readout=generate) writes for each input,
+    one row per (input, checkpoint): ``{"index", "checkpoint", "text"}``."""
+    from types import SimpleNamespace
+
+    from .config import trainer_config
+    from .inference import load_task
+    from .predict import _route, example_for
+    from .runtime import pick_amp, pick_device
+    from .token_cache import render_split
+
+    prompts = []
+    for p in paths:
+        task, cfg, ckpt, _ = load_task(p, list(overrides))
+        if not is_generative(task.model):
+            raise PtuneError(
+                f"--generate needs a checkpoint trained with template.readout=generate; {p!r} has "
+                f"template.readout={cfg.template.readout}"
+            )
+        fields = task.renderer.template.field_names
+        prompts.append(SimpleNamespace(name=p, checkpoint=str(ckpt), task=task, cfg=cfg, fields=fields))
+    requests: list[list[tuple[int, dict]]] = [[] for _ in prompts]
+    for n, obj in enumerate(inputs):
+        where = f"{source} line {n + 1}"
+        for i in _route(obj, prompts, where):
+            requests[i].append((n, example_for(prompts[i], obj, where)))
+    rows = []
+    for prompt, reqs in zip(prompts, requests, strict=True):
+        if not reqs:
+            continue
+        tr = trainer_config(prompt.cfg)
+        dev = pick_device(device or tr.device)
+        amp = pick_amp(tr.precision, dev)
+        prompt.task.model.to(dev)
+        ids, answers = render_split(prompt.task.renderer, [ex for _, ex in reqs])
+        texts = generate_texts(prompt.task.model, Encoded(ids, answers, [0] * len(ids)), batch_size, dev, amp)
+        rows += [{"index": n, "checkpoint": prompt.name, "text": t} for (n, _), t in zip(reqs, texts, strict=True)]
+    return sorted(rows, key=lambda r: r["index"])

@@ -1,0 +1,200 @@
+"""template.readout=generate: target-only LM loss, ptune's decoding (cached == uncached, prompt matters), metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ptune.build import encode
+from ptune.errors import PtuneError
+from ptune.generation import GenEncoded, _Decoder, collate_prompts, generate, generation_metrics, lm_loss
+
+from .helpers import SENTENCES, make_cfg, make_task
+
+METHODS = ["soft_prompt", "ptuning_v1", "ptuning_v2", "prefix"]
+KINDS = ["t5", "gpt2", "llama", "gemma3"]
+CPU = torch.device("cpu")
+
+
+def gen_task(tiny_models, kind: str, method: str, target: str | None = None, **template):
+    family = "seq2seq" if kind in ("t5", "mt5") else "causal"
+    cfg = make_cfg(tiny_models[kind], method, family=family, prompt_length=4)
+    cfg.template.readout = "generate"
+    cfg.template.target = target
+    for k, v in template.items():
+        cfg.template[k] = v
+    task = make_task(cfg)
+    task.model.eval()
+    return task
+
+
+def prompts(task, sentences=SENTENCES) -> tuple[GenEncoded, torch.Tensor, torch.Tensor]:
+    enc = encode(task, [{"text_a": s, "summary": s.split()[0]} for s in sentences], [i % 2 for i in range(len(sentences))])
+    ids, mask = collate_prompts(enc.input_ids, task.model.pad_id, task.left_pad)
+    return enc, ids, mask
+
+
+def decode(task, ids, mask, **kw):
+    return generate(task.model, ids, mask, max_new_tokens=6, stop_id=task.model.readout.stop_id, **kw)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_cached_and_uncached_decoding_agree(tiny_models, kind, method):
+    task = gen_task(tiny_models, kind, method)
+    _, ids, mask = prompts(task)
+    for strategy in ("greedy", "beam"):
+        cached = decode(task, ids, mask, strategy=strategy, num_beams=3, use_cache=True)
+        uncached = decode(task, ids, mask, strategy=strategy, num_beams=3, use_cache=False)
+        assert cached == uncached, strategy
+        assert sum(len(r) for r in cached) > len(SENTENCES)  # real text was decoded, not only stop tokens
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+@pytest.mark.parametrize("method", METHODS)
+def test_prompt_changes_generation(tiny_models, kind, method):
+    task = gen_task(tiny_models, kind, method)
+    _, ids, mask = prompts(task)
+    assert decode(task, ids, mask) != decode(task, ids, mask, bare=True)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "t5"])
+def test_deep_prefixes_stay_out_of_the_cache(tiny_models, kind):
+    """The cache holds the real tokens only: the deep prefixes live in the deep-attention state."""
+    task = gen_task(tiny_models, kind, "ptuning_v2")
+    _, ids, mask = prompts(task)
+    from ptune.tuners import deep_attention as da
+
+    with torch.no_grad(), da.prefixes(task.model.tuner.deep_prefixes()):
+        dec = _Decoder(task.model, ids, mask, use_cache=True, bare=False)
+        dec.start()
+        dec.step(torch.zeros(ids.shape[0], dtype=torch.long))
+    cache = dec.cache.self_attention_cache if kind == "t5" else dec.cache
+    assert cache.get_seq_length() == (2 if kind == "t5" else ids.shape[1] + 1)
+
+
+def test_sampling_is_seeded(tiny_models):
+    task = gen_task(tiny_models, "llama", "ptuning_v2")
+    _, ids, mask = prompts(task)
+    a = decode(task, ids, mask, strategy="sample", seed=1, temperature=2.0)
+    assert a == decode(task, ids, mask, strategy="sample", seed=1, temperature=2.0)
+    assert a != decode(task, ids, mask, strategy="sample", seed=2, temperature=2.0)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "t5"])
+@pytest.mark.parametrize("method", ["soft_prompt", "ptuning_v2"])
+def test_loss_is_on_target_tokens_only(tiny_models, kind, method):
+    """The batch loss is the token-weighted mean of each row's -log p(target | prompt), padding included,
+    and equals the backbone's own LM loss with the prompt tokens masked out."""
+    task = gen_task(tiny_models, kind, method)
+    enc, _, _ = prompts(task)
+    pm = task.model
+    with torch.no_grad():
+        rows = [float(lm_loss(pm, enc, [i], CPU)) for i in range(3)]
+        both = lm_loss(pm, enc, [0, 1, 2], CPU)
+        n = [len(enc.target_ids[i]) for i in range(3)]
+        assert float(both) == pytest.approx(sum(r * k for r, k in zip(rows, n, strict=True)) / sum(n), rel=1e-4)
+        from ptune.tuners import deep_attention as da
+
+        ids = torch.tensor([enc.input_ids[0]])
+        target = torch.tensor([enc.target_ids[0]])
+        with da.prefixes(pm.tuner.deep_prefixes() if pm.tuner.is_deep else None):
+            if kind == "t5":
+                ref = pm.backbone(inputs_embeds=pm.embed(ids), labels=target).loss
+            else:
+                full = torch.cat([ids, target], 1)
+                labels = torch.cat([torch.full_like(ids, -100), target], 1)
+                ref = pm.backbone(inputs_embeds=pm.embed(full), labels=labels).loss
+    assert float(rows[0]) == pytest.approx(float(ref), rel=1e-4)
+
+
+def test_target_field_and_label_word_targets(tiny_models):
+    task = gen_task(tiny_models, "gpt2", "soft_prompt", target="summary")
+    enc, _, _ = prompts(task)
+    assert enc.targets[0] == SENTENCES[0].split()[0]
+    tok = task.backbone.tokenizer
+    assert enc.target_ids[0][-1] == task.model.readout.stop_id
+    assert tok.decode(enc.target_ids[0][:-1]).strip() == enc.targets[0]
+    words = gen_task(tiny_models, "t5", "soft_prompt")  # no target: the label's first label word
+    enc, _, _ = prompts(words)
+    assert enc.targets[:2] == ["terrible", "great"]
+
+
+def test_encoder_backbone_is_refused(tiny_models):
+    with pytest.raises(PtuneError, match="readout=generate needs a causal or seq2seq backbone"):
+        gen_task(tiny_models, "bert", "soft_prompt")
+
+
+def test_template_without_target_or_label_words_is_refused(tiny_models):
+    cfg = make_cfg(tiny_models["gpt2"], "soft_prompt", family="causal")
+    cfg.template.readout = "generate"
+    cfg.template.label_words = None
+    with pytest.raises(PtuneError, match="needs template.target"):
+        make_task(cfg)
+
+
+def test_generation_metrics():
+    res = generation_metrics(["今天天气很好", "great"], ["今天天气不错", "great"])
+    assert res["exact_match"] == res["accuracy"] == 0.5
+    # character LCS of 今天天气很好 / 今天天气不错 is 4 of 6 -> F1 2/3; the second pair scores 1
+    assert res["rouge_l"] == pytest.approx((2 / 3 + 1) / 2)
+    assert generation_metrics(["今天天气很好"], ["今天天气很好"])["bleu"] == pytest.approx(100.0)
+    assert 0 < res["bleu"] < 100
+
+
+# ------------------------------------------------------------------------------------ train, eval, predict, export
+def _train(tiny_models, tiny_csv, tmp_path, kind: str, method: str):
+    from omegaconf import OmegaConf
+
+    from ptune.cli import compose
+    from ptune.train import run_training
+
+    from .test_cli import csv_overrides
+
+    template = "{text_a} It was {mask}" if kind != "t5" else "{text_a} It was {mask}."
+    cfg = compose([
+        *csv_overrides(tiny_models, tiny_csv), f"backbone.name={tiny_models[kind]}", f"method={method}",
+        "method.prompt_length=4", "trainer.precision=fp32", "trainer.device=cpu", "trainer.save_every=0",
+        "trainer.max_steps=6", "trainer.eval_every=3", "trainer.lr=0.3", "template.readout=generate",
+        f"template.text='{template}'", "template.max_target_length=4", "trainer.metric=rouge_l",
+    ])
+    OmegaConf.set_struct(cfg, False)
+    del cfg["hydra"]
+    run = tmp_path / f"{kind}-{method}"
+    return run, run_training(cfg, run)
+
+
+@pytest.mark.parametrize(("kind", "method"), [("gpt2", "ptuning_v2"), ("t5", "soft_prompt")])
+def test_train_eval_predict_generate(tiny_models, tiny_csv, tmp_path, kind, method):
+    import json
+
+    from ptune.checkpoint import read_checkpoint
+    from ptune.inference import evaluate_checkpoint
+
+    from .test_cli import ptune
+
+    run, res = _train(tiny_models, tiny_csv, tmp_path, kind, method)
+    assert set(res["metrics"]) >= {"exact_match", "rouge_l", "bleu"}
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["loss"] < lines[0]["loss"]  # the target LM loss falls
+    _, _, state = read_checkpoint(run / "checkpoint")
+    assert state  # the prompt was saved
+    out = evaluate_checkpoint(run, [f"dataset.dev_file={tiny_csv['dev']}"])
+    assert out["rouge_l"] == pytest.approx(res["metrics"]["rouge_l"])
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text('{"text_a": "a gorgeous movie"}\n{"text_a": "boring"}\n')
+    got = ptune("predict", str(run), "--input", str(inputs), "--generate", "--output", str(tmp_path / "o.jsonl"),
+                cwd=tmp_path)
+    assert got.returncode == 0, got.stderr
+    rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1] and all(isinstance(r["text"], str) for r in rows)
+
+
+@pytest.mark.parametrize(("kind", "method"), [("llama", "ptuning_v2"), ("gpt2", "soft_prompt")])
+def test_export_peft_of_a_generate_checkpoint(tiny_models, tiny_csv, tmp_path, kind, method):
+    pytest.importorskip("peft")
+    from ptune.export import export_peft
+
+    run, _ = _train(tiny_models, tiny_csv, tmp_path, kind, method)
+    info = export_peft(run, tmp_path / "peft")
+    assert info["readout"]["kind"] == "generate" and info["verified_max_abs_diff"] <= 1e-4
