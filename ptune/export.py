@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from .atomic import atomic_folder
-from .generation import first_step_logits, is_generative
 from .errors import PtuneError
+from .generation import first_step_logits, is_generative
 from .template import SOFT_ID
 
 PROBES = [
@@ -188,7 +188,8 @@ def verify(task, out: Path, drop: int) -> float:
         for ids, answer in _probe(task):
             t = torch.tensor([ids])
             if is_generative(task.model):
-                ours = first_step_logits(task.model, t, torch.ones_like(t))
+                head = t[:, : answer + 1] if answer >= 0 else t  # generation starts right after the slot
+                ours = first_step_logits(task.model, head, torch.ones_like(head))
             else:
                 ours = task.model(t, torch.ones_like(t), torch.tensor([max(answer, 0)]))
             theirs = _class_scores(task, _peft_forward(peft_model, task, ids, drop), answer)

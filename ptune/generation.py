@@ -86,7 +86,14 @@ class GenEncoded(Encoded):
     targets: list[str] | None = None
 
 
+def prompt_rows(ids: list[list[int]], answers: list[int]) -> list[list[int]]:
+    """The rendered prompts up to the answer slot: a causal LM writes the target right after it, so special
+    tokens a tokenizer appends after the text ([SEP]) are dropped; seq2seq inputs (no slot) stay whole."""
+    return [r[: a + 1] if a >= 0 else r for r, a in zip(ids, answers, strict=True)]
+
+
 def encode_targets(renderer, readout: TargetReadout, examples, labels, ids, answers) -> GenEncoded:
+    ids = prompt_rows(ids, answers)
     texts = [readout.target_text(ex, lab) for ex, lab in zip(examples, labels, strict=True)]
     shown = [(" " + t if readout.leading_space and t else t) for t in texts]
     tok = renderer.tokenizer
@@ -150,7 +157,7 @@ class _Decoder:
         self.pm, self.use_cache = pm, use_cache
         if bare:  # the backbone alone: soft slots removed, deep prefixes off
             keep = ids != SOFT_ID
-            rows = [r[k].tolist() for r, k, m in zip(ids, keep & (mask > 0), mask, strict=True)]
+            rows = [r[k].tolist() for r, k in zip(ids, keep & (mask > 0), strict=True)]
             ids, mask = collate_prompts(rows, pm.pad_id, pm.family.left_pad)
             ids, mask = ids.to(keep.device), mask.to(keep.device)
         self.seq2seq = pm.family.name == "seq2seq"
@@ -366,6 +373,7 @@ def predict_generate(paths, inputs, overrides, batch_size: int, device: str | No
         amp = pick_amp(tr.precision, dev)
         prompt.task.model.to(dev)
         ids, answers = render_split(prompt.task.renderer, [ex for _, ex in reqs])
-        texts = generate_texts(prompt.task.model, Encoded(ids, answers, [0] * len(ids)), batch_size, dev, amp)
+        data = Encoded(prompt_rows(ids, answers), answers, [0] * len(ids))
+        texts = generate_texts(prompt.task.model, data, batch_size, dev, amp)
         rows += [{"index": n, "checkpoint": prompt.name, "text": t} for (n, _), t in zip(reqs, texts, strict=True)]
     return sorted(rows, key=lambda r: r["index"])

@@ -268,6 +268,11 @@ def _class_rows(args, paths: list[str], overrides: list[str], inputs: list[dict]
     from .serving import PromptServer
 
     server = PromptServer(paths, overrides, device=args.device)
+    from .generation import is_generative
+
+    for p in server.prompts:
+        if is_generative(p.task.model):
+            raise PtuneError(f"checkpoint {p.name!r} generates text (template.readout=generate): add --generate")
     if args.input is not None:
         source = str(args.input)
     else:

@@ -34,16 +34,22 @@ def is_quantized(tensor: torch.Tensor) -> bool:
     return type(data).__module__.startswith("torchao.")
 
 
-def quantize_backbone(model: nn.Module, mode: str) -> int:
+def quantize_backbone(model: nn.Module, mode: str, work_device: torch.device | None = None) -> int:
     """Quantise the frozen ``nn.Linear`` weights inside ``model``'s transformer blocks in place; returns how many.
 
     A weight NF4 cannot split into whole blocks (fewer than 64 values per block row) stays as loaded. Weights shared
     with another module (tied) are left alone too: the other user may need the plain tensor.
+
+    Each weight is quantised on ``work_device`` (default: the GPU when there is one: NF4's nearest-level search
+    takes minutes for a 7B model on a CPU, seconds on a GPU) one at a time, and stored back where it was, so the
+    model's memory only shrinks and where it lives does not change.
     """
     check_available(mode)
     if mode == "none":
         return 0
     quantize = _quantizer(mode)
+    if work_device is None:
+        work_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     layers = transformer_layers(model, f"backbone.quantize={mode}")
     for layer in layers:
         _conv1d_to_linear(layer)
@@ -59,11 +65,47 @@ def quantize_backbone(model: nn.Module, mode: str) -> int:
                 continue
             if weight.requires_grad or owners[id(weight)] > 1 or is_quantized(weight) or weight.dim() != 2:
                 continue
-            q = quantize(weight.detach())
+            q = quantize(weight.detach().to(work_device))
             if q is not None:
+                q = q.to(weight.device)
                 module.weight = nn.Parameter(q, requires_grad=False)
+                module.__class__ = QuantizedLinear  # in place: hooks, names and the parent stay as they were
                 done += 1
     return done
+
+
+def dequantize(weight: torch.Tensor) -> torch.Tensor:
+    """A quantised weight as a plain tensor of its dtype."""
+    data = weight.data if isinstance(weight, nn.Parameter) else weight
+    return data.get_original_weight() if hasattr(data, "get_original_weight") else data.dequantize()
+
+
+class QuantizedLinear(nn.Linear):
+    """An ``nn.Linear`` whose frozen weight is quantised; backward keeps nothing but that weight.
+
+    Through torchao's own ``F.linear`` of an int8 weight, autograd would save a dequantised copy of the weight for
+    every layer until backward (measured on the 0.1B shape: activations 2.1 GiB instead of 1.2), which undoes the
+    saving. Here the forward runs torchao's matmul without a graph, and backward dequantises the weight again to
+    pass the gradient to the input: the same arithmetic QLoRA's NF4 linear uses.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _FrozenQuantizedMatmul.apply(x, self.weight)
+        return out if self.bias is None else out + self.bias
+
+
+class _FrozenQuantizedMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.x_dtype = x.dtype
+        with torch.no_grad():
+            return torch.nn.functional.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return (grad @ dequantize(weight).to(grad.dtype)).to(ctx.x_dtype), None
 
 
 def _conv1d_to_linear(layer: nn.Module) -> None:

@@ -2,19 +2,44 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 from .helpers import SENTENCES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Tests must not fill the user's ~/.cache/ptune/tokens; tests/test_token_cache.py turns the cache back on with a
-# private PTUNE_CACHE. (PTUNE_CACHE itself stays: the converted GGUF backbones are cached there.)
+# Tests must not fill the token cache; tests/test_token_cache.py turns it back on with a private PTUNE_CACHE.
 os.environ.setdefault("PTUNE_NO_TOKEN_CACHE", "1")
+
+
+def _session_cache() -> Path:
+    """The session's PTUNE_CACHE: never the user's ~/.cache/ptune (or their PTUNE_CACHE). A fresh temporary folder,
+    removed at exit, where each packaged GGUF backbone is converted at most once per session (the tests that load
+    smollm2 or gemma3-270m share it, subprocesses included); PTUNE_TEST_CACHE names a folder to keep instead."""
+    kept = os.environ.get("PTUNE_TEST_CACHE")
+    if kept:
+        return Path(kept)
+    folder = Path(tempfile.mkdtemp(prefix="ptune-test-cache-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+SESSION_CACHE = _session_cache()
+os.environ["PTUNE_CACHE"] = str(SESSION_CACHE)
+
+# Property tests draw the same examples on every run (no unseeded randomness in CI); HYPOTHESIS_PROFILE=explore
+# searches with fresh random draws when you hunt for new counterexamples.
+settings.register_profile("ptune", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ptune"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PTUNE_DATA", REPO.parent / "shared" / "data"))
@@ -126,6 +151,12 @@ def make_tiny(kind: str, root: Path) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def ptune_cache() -> Path:
+    """The session's shared PTUNE_CACHE (see ``_session_cache``), for tests whose own fixtures point it elsewhere."""
+    return SESSION_CACHE
 
 
 @pytest.fixture(scope="session")

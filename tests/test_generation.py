@@ -29,7 +29,8 @@ def gen_task(tiny_models, kind: str, method: str, target: str | None = None, **t
 
 
 def prompts(task, sentences=SENTENCES) -> tuple[GenEncoded, torch.Tensor, torch.Tensor]:
-    enc = encode(task, [{"text_a": s, "summary": s.split()[0]} for s in sentences], [i % 2 for i in range(len(sentences))])
+    examples = [{"text_a": s, "summary": s.split()[0]} for s in sentences]
+    enc = encode(task, examples, [i % 2 for i in range(len(sentences))])
     ids, mask = collate_prompts(enc.input_ids, task.model.pad_id, task.left_pad)
     return enc, ids, mask
 
@@ -48,6 +49,19 @@ def test_cached_and_uncached_decoding_agree(tiny_models, kind, method):
         uncached = decode(task, ids, mask, strategy=strategy, num_beams=3, use_cache=False)
         assert cached == uncached, strategy
         assert sum(len(r) for r in cached) > len(SENTENCES)  # real text was decoded, not only stop tokens
+    # and the logits of every step agree, not only their argmax
+    from ptune.tuners import deep_attention as da
+
+    pm = task.model
+    with torch.no_grad(), da.prefixes(pm.tuner.deep_prefixes() if pm.tuner.is_deep else None):
+        runs = [_Decoder(pm, ids, mask, use_cache=c, bare=False) for c in (True, False)]
+        steps = [[d.start()] for d in runs]
+        for _ in range(3):
+            tokens = steps[0][-1].argmax(-1)
+            for d, out in zip(runs, steps, strict=True):
+                out.append(d.step(tokens))
+    for a, b in zip(*steps, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["t5", "llama"])
@@ -115,6 +129,7 @@ def test_target_field_and_label_word_targets(tiny_models):
     tok = task.backbone.tokenizer
     assert enc.target_ids[0][-1] == task.model.readout.stop_id
     assert tok.decode(enc.target_ids[0][:-1]).strip() == enc.targets[0]
+    assert enc.input_ids[0][-1] == tok.convert_tokens_to_ids("was")  # prompt ends at the slot: no trailing [SEP]
     words = gen_task(tiny_models, "t5", "soft_prompt")  # no target: the label's first label word
     enc, _, _ = prompts(words)
     assert enc.targets[:2] == ["terrible", "great"]
@@ -188,6 +203,28 @@ def test_train_eval_predict_generate(tiny_models, tiny_csv, tmp_path, kind, meth
     assert got.returncode == 0, got.stderr
     rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1] and all(isinstance(r["text"], str) for r in rows)
+    refused = ptune("predict", str(run), "--input", str(inputs), cwd=tmp_path)
+    assert refused.returncode == 2 and "add --generate" in refused.stderr
+
+
+def test_inews_title_generation_keeps_the_title_whole(tiny_models):
+    """INEWS title generation: the long article content is truncated, the title (target) is kept whole."""
+    from ptune.data import load_split
+
+    cfg = make_cfg(tiny_models["gpt2"], "ptuning_v2", family="causal", prompt_length=4)
+    from ptune.cli import compose
+
+    cfg.template = compose(["template=inews_title_gen", "dataset=inews"]).template
+    cfg.dataset = compose(["dataset=inews"]).dataset
+    task = make_task(cfg)
+    split = load_split(cfg.dataset, "dev", None)
+    examples, labels = split.examples[:8], split.labels[:8]
+    enc = encode(task, examples, labels)
+    tok = task.backbone.tokenizer
+    # backbone.max_length minus template.max_target_length (minus the [SEP] dropped after the answer slot)
+    assert all(len(r) == 64 - 48 - 1 for r in enc.input_ids)
+    for ex, target in zip(examples, enc.target_ids, strict=True):
+        assert target[:-1] == tok(ex["title"], add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize(("kind", "method"), [("llama", "ptuning_v2"), ("gpt2", "soft_prompt")])

@@ -35,12 +35,12 @@ def _cfg(tiny_models, method, kind, **kw):
     return make_cfg(tiny_models[kind], method, family=FAMILIES[kind], **kw)
 
 
-def _perturb(task):
+def _perturb(task, scale: float = 0.1):
     """Move every prompt parameter away from its init so that tests see a non-trivial prompt."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in task.model.trainable_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 @pytest.mark.parametrize("method,kind", GRID)
@@ -112,7 +112,7 @@ def test_ptuning_v1_without_virtual_tokens_equals_bare_backbone(tiny_models, kin
 def test_prompt_changes_logits_and_reloads_identically(tiny_models, method, kind, tmp_path):
     cfg = _cfg(tiny_models, method, kind, prompt_length=3)
     task = make_task(cfg)
-    _perturb(task)
+    _perturb(task, 5.0)  # large: on these tiny random models a small deep prompt hardly moves an MLM's scores
     _, b = batch(task)
     before = logits(task, b)
     save_checkpoint(tmp_path / "checkpoint", task.model, cfg, {"label_names": LABELS})
@@ -129,7 +129,9 @@ def test_prompt_changes_logits_and_reloads_identically(tiny_models, method, kind
         )
     )
     _, b0 = batch(bare)
-    assert not torch.allclose(logits(bare, b0), before, atol=1e-4), "the prompt has no effect on the output"
+    spread = float(before.max() - before.min())
+    moved = float((logits(bare, b0) - before).abs().max())  # measured: at least 5% of the spread on every case
+    assert moved > 0.02 * spread, f"the prompt moves the scores by {moved:.2e} only ({spread=:.2e})"
 
 
 @pytest.mark.parametrize("method,kind", GRID)

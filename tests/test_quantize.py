@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from ptune.blocks import transformer_layers
 from ptune.config import BackboneConfig
 from ptune.errors import PtuneError
-from ptune.quantize import is_quantized, quantize_backbone
+from ptune.quantize import dequantize, is_quantized, quantize_backbone
 
 from .helpers import batch, logits, make_cfg, make_task
 
@@ -27,11 +27,6 @@ FAMILIES = {"bert": "mlm", "t5": "seq2seq", "gpt2": "causal", "llama": "causal",
 # gives 1 or more, and the exact comparison with the dequantised weights below pins the forward down.
 WEIGHT_TOL = {"int8": 0.01, "nf4": 0.12}
 LOGIT_TOL = {"int8": 0.06, "nf4": 0.65}
-
-
-def _dequantized(w: torch.Tensor) -> torch.Tensor:
-    data = w.data if isinstance(w, nn.Parameter) else w
-    return data.get_original_weight() if hasattr(data, "get_original_weight") else data.dequantize()
 
 
 def _was_conv1d(task, name: str) -> bool:
@@ -81,7 +76,7 @@ def test_quantized_backbone_matches_its_dequantized_weights(tiny_models, kind, m
         assert len(quantized) == len(block_linears)  # embeddings, LM/MLM head and pooler stay as loaded
         assert not is_quantized(task.model.backbone.get_input_embeddings().weight)
         for name, p in quantized.items():
-            assert _rel(_dequantized(p), _as_linear(ref, name, plain[name])) < WEIGHT_TOL[mode], (mode, name)
+            assert _rel(dequantize(p), _as_linear(ref, name, plain[name])) < WEIGHT_TOL[mode], (mode, name)
 
         got = logits(task, b)
         assert _rel(got, expected) < LOGIT_TOL[mode], mode
@@ -89,7 +84,7 @@ def test_quantized_backbone_matches_its_dequantized_weights(tiny_models, kind, m
         # The forward is exactly the dequantised model's: put those weights into the plain backbone.
         with torch.no_grad():
             for name, p in quantized.items():
-                deq = _dequantized(p).to(plain[name].dtype)
+                deq = dequantize(p).to(plain[name].dtype)
                 ref.model.backbone.get_parameter(name).copy_(deq.t() if _was_conv1d(ref, name) else deq)
         torch.testing.assert_close(got, logits(ref, b), rtol=1e-4, atol=1e-5)
         with torch.no_grad():
@@ -104,7 +99,7 @@ def test_only_the_full_precision_prompt_trains(tiny_models, kind, method, mode):
     cfg.backbone.quantize = mode
     task = make_task(cfg)
     model = task.model
-    frozen = {n: _dequantized(p).clone() for n, p in model.backbone.named_parameters() if is_quantized(p)}
+    frozen = {n: dequantize(p).clone() for n, p in model.backbone.named_parameters() if is_quantized(p)}
     trainable = model.trainable_parameters()
     assert trainable and all(p.dtype == torch.float32 and not is_quantized(p) for p in trainable)
     opt = torch.optim.AdamW(trainable, lr=1e-2)
@@ -123,7 +118,35 @@ def test_only_the_full_precision_prompt_trains(tiny_models, kind, method, mode):
     assert losses[-1] < losses[0]
     for n, p in model.backbone.named_parameters():
         if n in frozen:
-            assert is_quantized(p) and torch.equal(_dequantized(p), frozen[n]), n
+            assert is_quantized(p) and torch.equal(dequantize(p), frozen[n]), n
+
+
+def _saved_activation_bytes(task, b) -> int:
+    """Bytes of plain tensors autograd keeps from forward to backward (quantised weights are stored anyway)."""
+    saved = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not is_quantized(t) and not isinstance(t, nn.Parameter):
+            saved[0] += t.numel() * t.element_size()
+        return t
+
+    task.model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = task.model(b["input_ids"], b["attention_mask"], b["answer_pos"])
+    torch.nn.functional.cross_entropy(out, b["labels"]).backward()
+    return saved[0]
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_backward_keeps_no_dequantized_weights(tiny_models, kind):
+    """Training memory is activations plus quantised weights: no layer keeps a dequantised copy of its weight
+    for backward (torchao's own int8 linear would)."""
+    ref = _reference(tiny_models, kind, "soft_prompt")
+    _, b = batch(ref)
+    plain = _saved_activation_bytes(ref, b)
+    for mode in ("int8", "nf4"):
+        task = _quantized(tiny_models, kind, "soft_prompt", mode, ref)
+        assert _saved_activation_bytes(task, b) <= plain, mode
 
 
 def test_bad_values_and_missing_torchao_are_one_line_errors(monkeypatch):

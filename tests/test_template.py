@@ -334,6 +334,34 @@ def test_renderer_property(tok, source, a, b, mode, max_length, prepend, side):
     except PtuneError as exc:
         assert str(exc) and "\n" not in str(exc).strip()  # one-line user error
         return
+    _check_rendered(tok, source, r, out, mode, max_length)
+
+
+@st.composite
+def valid_templates(draw) -> str:
+    """Templates every renderer must accept: a field and the answer slot at the end, few template tokens."""
+    parts = draw(st.lists(ATOMS, max_size=6))
+    parts.insert(draw(st.integers(0, len(parts))), "{text_a}")
+    return "".join(parts) + "{mask}"
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    source=valid_templates(),
+    a=VALUES,
+    b=VALUES,
+    mode=st.sampled_from(["mask", "end", "drop", "none"]),
+    prepend=st.integers(0, 4),
+    side=st.sampled_from(["tail", "head"]),
+)
+def test_valid_templates_always_render(tok, source, a, b, mode, prepend, side):
+    """The property above accepts any one-line error; here nothing may be refused (a renderer that rejected every
+    template would pass the property above, not this one). 64 tokens leave room for the longest template drawn."""
+    r = TemplateRenderer(parse_template(source), tok, mode, 64, prepend, side)
+    _check_rendered(tok, source, r, r.render({"text_a": a, "text_b": b}), mode, 64)
+
+
+def _check_rendered(tok, source, r, out, mode, max_length):
     assert len(out.input_ids) <= max_length
     assert out.input_ids.count(SOFT_ID) == r.num_soft
     assert all(isinstance(i, int) and (i == SOFT_ID or 0 <= i < len(tok)) for i in out.input_ids)
