@@ -60,7 +60,7 @@ def atomic_folder(directory: Path) -> Iterator[Path]:
         old = previous_version(directory)
         if directory.exists():
             shutil.rmtree(old, ignore_errors=True)
-            shutil.rmtree(directory)  # MUTANT
+            os.replace(directory, old)
         os.replace(tmp, directory)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:

@@ -45,7 +45,7 @@ def run_dir(cwd: Path) -> Path:
 
 
 def test_train_then_eval_reproduces_metric(tiny_models, tiny_csv, tmp_path):
-    res = ptune("train", *csv_overrides(tiny_models, tiny_csv), cwd=tmp_path)
+    res = ptune("train", *csv_overrides(tiny_models, tiny_csv), "trainer.lr=0.1", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     out = run_dir(tmp_path)
     results = json.loads((out / "results.json").read_text())
@@ -67,6 +67,20 @@ def test_train_then_eval_reproduces_metric(tiny_models, tiny_csv, tmp_path):
     evaluated = json.loads((out / "eval.json").read_text())
     assert abs(evaluated["accuracy"] - results["metrics"]["accuracy"]) < 1e-6
     assert abs(evaluated["macro_f1"] - results["metrics"]["macro_f1"]) < 1e-6
+    # The tiny random BERT predicts nearly the same classes whatever the prompt, so equal accuracies would prove
+    # little; the calibration error (from the class probabilities) moves with every weight: the untrained prompt,
+    # evaluated the same way, is 3e-4 away, and eval must reproduce the trained value to 1e-6.
+    assert abs(evaluated["ece"] - results["metrics"]["ece"]) < 1e-6
+    from ptune.build import build_task
+    from ptune.checkpoint import read_checkpoint, save_checkpoint
+    from ptune.inference import evaluate_checkpoint
+    from ptune.train import checkpoint_meta
+
+    saved, meta, _ = read_checkpoint(ckpt)
+    untrained = build_task(saved, meta["label_names"], int(saved.trainer.seed))
+    save_checkpoint(tmp_path / "untrained" / "checkpoint", untrained.model, saved, checkpoint_meta(untrained))
+    before = evaluate_checkpoint(tmp_path / "untrained", [f"dataset.dev_file={tiny_csv['dev']}"])
+    assert abs(before["ece"] - results["metrics"]["ece"]) > 1e-4
 
 
 def test_help(tmp_path):
@@ -101,7 +115,7 @@ def test_bad_input_one_line_no_traceback(case, tmp_path, data_root):
     if case != "missing data file":
         args = [*args, f"data.root={data_root}"]
     res = ptune("train", *args, cwd=tmp_path)
-    assert res.returncode != 0
+    assert res.returncode == 2, res.stderr  # the README's exit code for user errors
     lines = [x for x in res.stderr.splitlines() if x.strip()]
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("ptune: error:") and needle in lines[0], lines[0]
@@ -112,11 +126,11 @@ def test_bad_input_one_line_no_traceback(case, tmp_path, data_root):
 def test_unknown_label_in_data_file(tiny_models, tiny_csv, tmp_path):
     write_csv(tiny_csv["dev"], [("fine film", "positive"), ("odd one", "neutral")])
     res = ptune("train", *csv_overrides(tiny_models, tiny_csv), cwd=tmp_path)
-    assert res.returncode != 0
+    assert res.returncode == 2, res.stderr  # the README's exit code for user errors
     lines = [x for x in res.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "neutral" in lines[0] and "dev.csv" in lines[0], res.stderr
 
 
 def test_eval_of_missing_checkpoint(tmp_path):
     res = ptune("eval", str(tmp_path / "nothing"), cwd=tmp_path)
-    assert res.returncode != 0 and "no checkpoint" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "no checkpoint" in res.stderr and "Traceback" not in res.stderr

@@ -78,6 +78,14 @@ def test_shard_splits_contiguously_and_unevenly():
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``ptune ARGS`` under torchrun on 2 CPU ranks (gloo)."""
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ptune", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
 def recorded(*args: str, cwd: Path, ranks: int) -> subprocess.CompletedProcess:
     """``ptune train ARGS`` through RECORDER (``cwd/grads-<ranks>.safetensors``), under torchrun for ranks > 1."""
     env = {**ENV, "OMP_NUM_THREADS": "1"}

@@ -1,4 +1,8 @@
-"""Kill a training process with SIGKILL at random points, resume it, and get the uninterrupted result."""
+"""Kill a training process with SIGKILL at random points, resume it, and get the uninterrupted result.
+
+The kill lands wherever the child is just after it reported the step (a smoke test of the whole process);
+tests/test_faults.py kills deterministically at every file-system step of each save instead. A child that hangs
+is killed by a watchdog and fails the test instead of hanging the suite."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -15,6 +20,7 @@ from safetensors.torch import load_file
 from .test_cli import ENV, csv_overrides, ptune
 
 STEPS = 12
+CHILD_TIMEOUT_S = 300  # one child trains 12 steps of a tiny model: seconds, even on a busy machine
 
 
 def _args(tiny_models, tiny_csv_paths, run: Path) -> list[str]:
@@ -48,12 +54,27 @@ def _kill_at_step(args: list[str], cwd: Path, step: int) -> bool:
         stderr=subprocess.DEVNULL, text=True,
     )
     assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith(f"step {step}:"):
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
-    proc.wait()
+    fired: list[bool] = []
+
+    def expire() -> None:  # ends the loop below (EOF) if the child hangs
+        fired.append(True)
+        proc.kill()
+
+    watchdog = threading.Timer(CHILD_TIMEOUT_S, expire)
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            if line.startswith(f"step {step}:"):
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=60)
+                return True
+        proc.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+    assert not fired, f"the training child did not reach step {step} within {CHILD_TIMEOUT_S} s"
     return False
 
 

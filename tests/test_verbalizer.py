@@ -193,10 +193,18 @@ def test_calibration_makes_content_free_input_uniform(tiny_models, kind, family)
 
 def test_calibration_averages_the_content_free_inputs(tiny_models):
     _, task = _perturbed_task(tiny_models)
-    each = content_free_logprobs(task, CPU, None)  # "N/A" and ""
-    assert each.shape == (2, len(LABELS))
+    # the reference, computed here: each content-free input ("N/A", "") alone through the uncalibrated model
+    assert not task.model.readout.calibration.any()
+    rows = []
+    for value in ("N/A", ""):
+        r = task.renderer.render({"text_a": value})
+        b = collate(Encoded([r.input_ids], [r.answer_pos], [0]), [0], task.model.pad_id, task.left_pad)
+        rows.append(torch.log_softmax(logits(task, b)[0], -1))
+    each = torch.stack(rows)
+    torch.testing.assert_close(content_free_logprobs(task, CPU, None), each, atol=1e-6, rtol=0)
+    assert (each[0] - each[1]).abs().max() > 1e-4  # the two inputs differ: the mean is not any one of them
     offset = calibrate(task, CPU, None)
-    assert torch.allclose(offset, each.mean(0))
+    torch.testing.assert_close(offset, each.mean(0), atol=1e-6, rtol=0)
     # the calibrated content-free distributions have a uniform geometric mean
     cal = torch.log_softmax(each - offset, -1).mean(0)
     assert torch.allclose(cal, cal.mean().expand_as(cal), atol=1e-5)
