@@ -19,8 +19,8 @@ from .sharding import shard_backbone
 def check_combination(tr: TrainerConfig, quantize: str, world_size: int) -> None:
     """Refuse, in one line and before anything loads, a combination that does not work."""
     if tr.compile:
-        # Dynamo does not trace a checkpoint with a context_fn, through FSDP2's hooks, nor (tested) torchao's
-        # tensor subclasses here.
+        # Not tested together: Dynamo would have to trace a checkpoint with a context_fn, FSDP2's hooks and torchao's
+        # tensor subclasses. Refused rather than risk a graph break or a silent eager fallback.
         for key, on in (
             ("trainer.gradient_checkpointing=true", tr.gradient_checkpointing),
             ("trainer.shard_backbone=true", tr.shard_backbone),

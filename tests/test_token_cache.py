@@ -47,7 +47,8 @@ def _renderer(tok, text: str, mode: str = "mask", max_length: int = 64, prepend:
 
 
 def _task(renderer: TemplateRenderer):
-    return SimpleNamespace(renderer=renderer)  # encode() reads only the renderer
+    # encode() reads the renderer, and the readout only to tell a generation target
+    return SimpleNamespace(renderer=renderer, model=SimpleNamespace(readout=None))
 
 
 def _per_example(renderer: TemplateRenderer, examples) -> tuple[list[list[int]], list[int]]:
