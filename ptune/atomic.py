@@ -94,11 +94,15 @@ def sweep_temporaries(folder: Path) -> list[Path]:
     except OSError:
         return removed
     for entry in entries:
-        if not entry.name.startswith(TMP_PREFIX):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed.append(entry)
+        if entry.name.startswith(TMP_PREFIX):
+            remove_entry(entry)
+            removed.append(entry)
     return removed
+
+
+def remove_entry(entry: Path) -> None:
+    """Remove a file, a link (never what it points to) or a folder tree; what is already gone is fine."""
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)

@@ -139,15 +139,11 @@ def _check_config(cfg: DictConfig, where: Path) -> None:
             raise PtuneError(f"checkpoint config {str(where)!r}: {key} must be a string")
 
 
-def drop_data_paths(cfg: DictConfig) -> dict[str, Any]:
-    """Blank the saved config's file and folder paths (``DATA_PATH_KEYS``); returns what they were."""
-    dropped = {}
+def drop_data_paths(cfg: DictConfig) -> None:
+    """Blank the saved config's file and folder paths (``DATA_PATH_KEYS``)."""
     for key in DATA_PATH_KEYS:
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is not None:
-            dropped[key] = value
+        if OmegaConf.select(cfg, key, default=None) is not None:
             OmegaConf.update(cfg, key, None, merge=False)
-    return dropped
 
 
 def read_checkpoint(directory: Path) -> tuple[DictConfig, dict[str, Any], dict[str, torch.Tensor]]:

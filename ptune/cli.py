@@ -25,15 +25,9 @@ def _quiet() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import logging
     import warnings
 
-    warnings.filterwarnings("ignore")
-    # transformers imports torchao when it is installed: its CPU wheel logs a line per CUDA extension it cannot
-    # load, and torch logs a deprecation per Enum torchao registers. Neither concerns the user; an error stays
-    # the only line on stderr.
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")  # torchao's and torch's import-time log lines are quieted in ptune/__init__
 
 
 def resume_run(argv: list[str]) -> None:
@@ -58,10 +52,10 @@ def resume_run(argv: list[str]) -> None:
     print(f"done: {results['metric']} {results['best_metric']:.4f} (step {results['best_step']}); run folder {run}")
 
 
-def _run_dir_override(argv: list[str], run_dir: str) -> list[str]:
-    """Pin Hydra's run folder to the one checked before the start (its ${now:} would otherwise be re-resolved)."""
-    kept = [a for a in argv if not a.lstrip("+").startswith("hydra.run.dir=")]
-    return [*kept, f"hydra.run.dir={run_dir}"]
+def _pin(argv: list[str], key: str, value: str) -> list[str]:
+    """Replace any override of ``key`` by ``key=value``: Hydra's run and sweep folders are pinned to the ones
+    resolved before the start (their ${now:} would otherwise be resolved again, a second later)."""
+    return [*(a for a in argv if not a.lstrip("+").startswith(f"{key}=")), f"{key}={value}"]
 
 
 def preflight(cfg) -> runfolder.RunFolder:
@@ -120,7 +114,7 @@ def train_main(argv: list[str]) -> None:
     folder: runfolder.RunFolder | None = None
     sweep_dir = pin_sweep_dir(argv) if multirun else None
     if sweep_dir is not None:
-        argv = [*(a for a in argv if not a.lstrip("+").startswith("hydra.sweep.dir=")), f"hydra.sweep.dir={sweep_dir}"]
+        argv = _pin(argv, "hydra.sweep.dir", sweep_dir)
     if not multirun and not any(a.startswith("-") for a in argv):
         try:
             composed = compose(argv)
@@ -129,7 +123,7 @@ def train_main(argv: list[str]) -> None:
         config.validate(composed)  # every group's values, before anything is written
         if os.environ.get("RANK", "0") == "0":
             folder = preflight(composed)
-            argv = _run_dir_override(argv, str(folder.path))
+            argv = _pin(argv, "hydra.run.dir", str(folder.path))
             runfolder.acquire(folder.path)  # held from before Hydra writes .hydra/ until this process ends
 
     @hydra.main(config_path=str(config_dir()), config_name="config", version_base=None)

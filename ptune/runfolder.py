@@ -19,13 +19,13 @@ import datetime
 import errno
 import fcntl
 import os
-import shutil
+import re
 import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import TMP_PREFIX, atomic_write_bytes, sweep_temporaries
+from .atomic import TMP_PREFIX, atomic_write_bytes, remove_entry, sweep_temporaries
 from .errors import PtuneError
 
 LOCK_NAME = ".ptune.lock"
@@ -51,7 +51,9 @@ OUTPUT_NAMES = (
 # Outputs that mean "a run already lives here": a new run must not write over them.
 RUN_MARKERS = ("checkpoint", ".checkpoint.old", "resume", ".resume.old", "metrics.jsonl", "results.json")
 # Temporaries of ptune versions before TMP_PREFIX: '.<name>.<random>[.tmp]' beside these outputs.
-_LEGACY_TMP_OWNERS = ("checkpoint", "resume", "metrics.jsonl", "results.json", "eval.json")
+_LEGACY_TMP = re.compile(
+    r"\.(?:checkpoint|resume|metrics\.jsonl|results\.json|eval\.json)\.[a-z0-9_]{8}(?:\.tmp)?"
+)
 
 _held: dict[Path, int] = {}  # folder -> fd of the lock this process holds
 
@@ -118,15 +120,11 @@ def release(folder: Path) -> None:
 
 
 def _sweep_legacy_temporaries(folder: Path) -> None:
+    """Temporaries of older ptune versions: exactly tempfile's names ('.<output>.' + 8 random characters, '.tmp'
+    for files), so a user's own '.checkpoint.notes' in a folder named as the run folder stays."""
     for entry in folder.iterdir():
-        name = entry.name
-        owner = next((o for o in _LEGACY_TMP_OWNERS if name.startswith(f".{o}.")), None)
-        if owner is None or name == f".{owner}.old":
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        if _LEGACY_TMP.fullmatch(entry.name):
+            remove_entry(entry)
 
 
 def check_writable(folder: Path, what: str = "hydra.run.dir") -> None:
@@ -206,10 +204,7 @@ class RunFolder:
             if entry.name in self.entries_before:
                 continue
             if entry.name in ours or entry.name.startswith(TMP_PREFIX):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
+                remove_entry(entry)
         if self.hydra_files:
             for name, data in self.hydra_files.items():
                 with contextlib.suppress(OSError):

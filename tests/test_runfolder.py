@@ -169,14 +169,16 @@ def test_resume_sweeps_what_killed_saves_left(killed_run, tmp_path):
     run, _ = killed_run
     (run / f"{TMP_PREFIX}metrics.jsonl.abc").write_text("partial")
     (run / f"{TMP_PREFIX}checkpoint.xyz").mkdir()
-    (run / ".metrics.jsonl.k2j3.tmp").write_text("partial")  # an older ptune's temporary
-    (run / ".checkpoint.q1w2").mkdir()
+    (run / ".metrics.jsonl.k2j3ab7x.tmp").write_text("partial")  # an older ptune's temporaries (tempfile names)
+    (run / ".checkpoint.q1w2e3r4").mkdir()
+    (run / ".checkpoint.notes").write_text("the user's")  # not a temporary's name: kept
     (run / "user.txt").write_text("kept")
     res = ptune("train", "--resume", str(run), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     names = sorted(p.name for p in run.iterdir())
-    assert not [n for n in names if n.startswith((TMP_PREFIX, ".metrics.jsonl.", ".checkpoint."))], names
+    assert not [n for n in names if n.startswith((TMP_PREFIX, ".metrics.jsonl.", ".checkpoint.q1"))], names
     assert (run / "user.txt").read_text() == "kept"
+    assert (run / ".checkpoint.notes").read_text() == "the user's"
 
 
 def test_run_folder_that_cannot_be_written_is_one_line(tiny_models, tiny_csv, tmp_path):
