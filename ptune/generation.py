@@ -317,12 +317,28 @@ class _Chars:
         return [c for c in text if not c.isspace()]
 
 
+def _rouge_scorer():
+    """rouge-score's scorer module, imported so that its logging library cannot close the caller's stderr.
+
+    rouge-score imports absl, whose logging handler keeps the ``sys.stderr`` of the moment of import and closes it
+    when logging is reconfigured (Hydra does that on every run). When stderr is redirected (pytest's capture, a
+    notebook, ``ptune search`` under a parent that captures), that closed another owner's stream: pointing the handler
+    at the process's own stderr, which absl never closes, keeps it from doing so."""
+    import sys
+
+    import absl.logging
+    from rouge_score import rouge_scorer
+
+    absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
+    return rouge_scorer
+
+
 def generation_metrics(preds: list[str], refs: list[str]) -> dict:
     """exact_match (also reported as accuracy: comparable with a verbalizer on label-word targets),
     character-level ROUGE-L F1 (rouge-score's LCS) and corpus BLEU (sacrebleu, its Chinese tokenizer ``zh``)."""
     import sacrebleu
-    from rouge_score import rouge_scorer
 
+    rouge_scorer = _rouge_scorer()
     n = max(len(refs), 1)
     exact = sum(p.strip() == r.strip() for p, r in zip(preds, refs, strict=True)) / n
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Chars())

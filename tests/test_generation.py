@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -155,6 +158,23 @@ def test_generation_metrics():
     assert res["rouge_l"] == pytest.approx((2 / 3 + 1) / 2)
     assert generation_metrics(["今天天气很好"], ["今天天气很好"])["bleu"] == pytest.approx(100.0)
     assert 0 < res["bleu"] < 100
+
+
+def test_generation_metrics_leave_a_redirected_stderr_open():
+    """rouge-score's absl handler used to close whatever stderr was live when it was imported, once Hydra
+    reconfigured logging: under pytest that was the capture file, and the suite died with "lost sys.stderr"."""
+    script = (
+        "import io, logging.config, sys\n"
+        "sys.stderr = redirected = io.StringIO()\n"
+        "from ptune.generation import generation_metrics\n"
+        "generation_metrics(['a'], ['a'])\n"
+        "sys.stderr = sys.__stderr__\n"
+        "logging.config.dictConfig({'version': 1})  # what Hydra does on every run\n"
+        "print('closed' if redirected.closed else 'open')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "open"
 
 
 # ------------------------------------------------------------------------------------ train, eval, predict, export
