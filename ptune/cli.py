@@ -157,7 +157,9 @@ def train_main(argv: list[str]) -> None:
         return results["best_metric"]
 
     config.register()
-    sys.argv = ["ptune train", *argv]
+    completing = any(a in ("-sc", "--shell-completion") for a in argv)
+    # Hydra names the program after argv[0]: "ptune train" in help, but the completion it installs is for `ptune`
+    sys.argv = ["ptune" if completing else "ptune train", *argv]
     _run()
     distributed.cleanup()
     if sweep_dir is not None and Path(sweep_dir).is_dir():
@@ -188,6 +190,31 @@ def eval_main(argv: list[str]) -> None:
     for p in paths:
         rows.append(evaluate_checkpoint(p, overrides))
     print_eval_table(rows)
+
+
+def complete_main(argv: list[str]) -> None:
+    """`ptune -sc query=bash`: what the completion function installed by `eval "$(ptune train -sc install=bash)"`
+    runs on every <TAB>, with the typed line in COMP_LINE. The first word completes to the subcommands; after
+    `train`, Hydra completes overrides (groups, keys, values; schemas left out) of a line that it expects to start
+    with the program name alone, so the subcommand is taken out of the line first. Other subcommands complete file
+    names (the shell's default)."""
+    import contextlib
+    import io
+    import re
+
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split()
+    if len(words) < 2 or (len(words) == 2 and not line[-1:].isspace()):
+        typed = words[1] if len(words) == 2 else ""
+        print(" ".join(name for name in COMMANDS if name.startswith(typed)))
+        return
+    if words[1] != "train":
+        return
+    os.environ["COMP_LINE"] = re.sub(r"^(\s*\S+)\s+train(?=\s|$)", r"\1", line, count=1)
+    with contextlib.redirect_stdout(io.StringIO()) as hydra_says:
+        train_main(argv)
+    # the schemas live in the config groups (each group file starts from one) but are not choices of their own
+    print(" ".join(w for w in hydra_says.getvalue().split() if not w.endswith("_schema")))
 
 
 def _lazy(module: str, function: str):
@@ -239,6 +266,9 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"ptune {__version__}")
         raise SystemExit(0)
+    if argv[:1] in (["-sc"], ["--shell-completion"]):
+        complete_main(argv)
+        return
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         raise SystemExit(0 if argv else EXIT_USER_ERROR)

@@ -80,17 +80,15 @@ def load_prompts(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> 
                 f"{ref.get(key)!r} vs {meta['backbone'].get(key)!r}): one batch can only mix prompts of the same "
                 "backbone; run them in separate calls"
             )
-        if str(cfg.backbone.get("dtype", "float32")) != str(first_cfg.backbone.get("dtype", "float32")):
-            raise PtuneError(
-                f"checkpoints {first_name!r} and {name!r} use different backbone.dtype values: pass the same "
-                "backbone.dtype=... override for all of them"
-            )
+        for key in ("dtype", "quantize"):  # how the shared backbone is loaded: one value for all
+            if getattr(section(cfg, "backbone"), key) != getattr(section(first_cfg, "backbone"), key):
+                raise PtuneError(
+                    f"checkpoints {first_name!r} and {name!r} use different backbone.{key} values: pass the same "
+                    f"backbone.{key}=... override for all of them"
+                )
     need_lm_head = any(section(cfg, "template").readout == "verbalizer" for _, _, cfg, _, _ in loaded)
-    backbone = load_backbone(
-        str(first_cfg.backbone.name),
-        with_lm_head=need_lm_head,
-        dtype=str(first_cfg.backbone.get("dtype", "float32")),
-    )
+    shared = section(first_cfg, "backbone")
+    backbone = load_backbone(shared.name, with_lm_head=need_lm_head, dtype=shared.dtype, quantize=shared.quantize)
     prompts = []
     for name, ckpt, cfg, meta, state in loaded:
         check_same_backbone(meta.get("backbone", {}), backbone.identity, ckpt)

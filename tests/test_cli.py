@@ -134,3 +134,43 @@ def test_unknown_label_in_data_file(tiny_models, tiny_csv, tmp_path):
 def test_eval_of_missing_checkpoint(tmp_path):
     res = ptune("eval", str(tmp_path / "nothing"), cwd=tmp_path)
     assert res.returncode == 2 and "no checkpoint" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("line", "expected", "absent"),
+    [
+        ("ptune tr", {"train"}, set()),
+        ("ptune train trainer.max_st", {"trainer.max_steps="}, set()),
+        ("ptune train method=", {"method=ptuning_v2", "method=prefix"}, {"method=prefix_schema"}),
+        ("ptune train +experiment=sst2_pt", {"+experiment=sst2_ptv1", "+experiment=sst2_ptv2"}, set()),
+        ("ptune train dataset=csv dataset.fields.text", {"dataset.fields.text_a=", "dataset.fields.text_b="}, set()),
+    ],
+)
+def test_shell_completion_of_train_overrides(line, expected, absent, monkeypatch, capsys):
+    """`eval "$(ptune train -sc install=bash)"` installs a function that runs `ptune -sc query=bash` with the typed
+    line in COMP_LINE: the subcommand word must not reach Hydra as an override, and schemas are not choices."""
+    from ptune.cli import main
+
+    monkeypatch.setenv("COMP_LINE", line)
+    monkeypatch.setattr(sys, "argv", ["ptune"])
+    main(["-sc", "query=bash"])
+    words = set(capsys.readouterr().out.split())
+    assert expected <= words, words
+    assert not absent & words
+
+
+def test_shell_completion_installs_for_the_ptune_command(monkeypatch, capsys):
+    from ptune.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["ptune"])
+    main(["train", "-sc", "install=bash"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.endswith("-F hydra_bash_completion ptune"), last
+
+
+def test_a_second_text_field_needs_no_plus(tmp_path):
+    """csv/tsv/jsonl ship `fields.text_b: null`, so `dataset.fields.text_b=COL` works without Hydra's `+`."""
+    from ptune.config import compose
+
+    cfg = compose(["dataset=jsonl", "dataset.fields.text_b=premise"])
+    assert cfg.dataset.fields.text_b == "premise"

@@ -249,7 +249,6 @@ def test_inews_title_generation_keeps_the_title_whole(tiny_models):
 
 @pytest.mark.parametrize(("kind", "method"), [("llama", "ptuning_v2"), ("gpt2", "soft_prompt")])
 def test_export_peft_of_a_generate_checkpoint(tiny_models, tiny_csv, tmp_path, kind, method):
-    pytest.importorskip("peft")
     from ptune.export import export_peft
 
     run, _ = _train(tiny_models, tiny_csv, tmp_path, kind, method)

@@ -18,8 +18,6 @@ from ptune.quantize import dequantize, is_quantized, quantize_backbone
 
 from .helpers import batch, logits, make_cfg, make_task
 
-pytest.importorskip("torchao")
-
 FAMILIES = {"bert": "mlm", "t5": "seq2seq", "gpt2": "causal", "llama": "causal", "gemma3": "causal"}
 # Relative error bounds. Per weight: int8 per-row absmax scales, NF4 4-bit blocks of 64 (about 0.09 on Gaussian
 # weights). End to end on tiny random models, which amplify weight noise far more than trained models do (measured:

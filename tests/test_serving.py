@@ -102,3 +102,22 @@ def test_other_backbone_refused(tiny_models, tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(PtuneError, match="sha256"):
         PromptServer([str(a), str(b)])
+
+
+def test_served_backbone_is_quantized_as_the_checkpoint_says(tiny_models, tmp_path):
+    """A prompt trained on an int8 backbone is served on an int8 backbone (the server used to load full precision
+    whatever backbone.quantize said), and prompts of differently quantised backbones are not mixed."""
+    cfg = make_cfg(tiny_models["llama"], "ptuning_v2", prompt_length=3, family="causal",
+                   extra=["backbone.dtype=float32", "backbone.quantize=int8"])
+    path = save_prompt(tmp_path, "int8", cfg)
+    task, _, _, _ = load_task(path)
+    _, b = batch(task, SENTENCES)
+    alone = logits(task, b)
+    full, _, _, _ = load_task(path, ["backbone.quantize=none"])
+    assert not torch.allclose(alone, logits(full, b), atol=1e-6)  # int8 really changes the scores
+    served = PromptServer([str(path)]).scores([(0, {"text_a": s}) for s in SENTENCES])
+    torch.testing.assert_close(torch.stack(served), alone, atol=1e-5, rtol=0)
+    plain = save_prompt(tmp_path, "plain", make_cfg(tiny_models["llama"], "ptuning_v2", prompt_length=3,
+                                                    family="causal", extra=["backbone.dtype=float32"]))
+    with pytest.raises(PtuneError, match="backbone.quantize"):
+        PromptServer([str(path), str(plain)])

@@ -48,7 +48,6 @@ def _overrides(tiny_models, tiny_csv, case: str) -> list[str]:
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("case", list(CASES))
 def test_sharded_backbone_on_two_ranks_equals_single_process(tiny_models, tiny_csv, tmp_path, case):
-    pytest.importorskip("torchao")
     overrides = _overrides(tiny_models, tiny_csv, case)
     sharded_dir, single_dir = tmp_path / "sharded", tmp_path / "single"
     res = torchrun("train", *overrides, f"hydra.run.dir={sharded_dir}", cwd=tmp_path)
