@@ -11,6 +11,12 @@ from .test_cli import ptune, run_dir
 
 pytestmark = pytest.mark.integration
 
+# The packaged decoders' configs store their frozen weights in bf16. On a CPU without bf16 instructions (AVX2 only,
+# as some CI machines are) every bf16 matmul is emulated: the 3-step default job took 555 s there, 44 s in fp32. These
+# tests are about composition, data, loading and reproducibility, so they load fp32; bf16 loading is tested in
+# tests/test_backbone.py (test_dtype, and the SmolLM2 GGUF cache in bf16).
+FP32 = "backbone.dtype=float32"
+
 
 def _train_and_eval(tmp_path, *args: str) -> tuple[dict, dict]:
     res = ptune("train", *args, cwd=tmp_path)
@@ -53,7 +59,7 @@ def test_sst2_soft_prompt_on_minilm_learns_and_reproduces(tmp_path, data_root):
 
 def test_smollm2_verbalizer_runs(tmp_path, data_root):
     results, evaluated = _train_and_eval(
-        tmp_path, "+experiment=sst2_smollm2_soft", f"data.root={data_root}", "trainer.max_steps=4",
+        tmp_path, "+experiment=sst2_smollm2_soft", f"data.root={data_root}", FP32, "trainer.max_steps=4",
         "trainer.eval_every=4", "dataset.max_eval_samples=48",
     )
     assert results["trainable_params"] == 20 * 576
@@ -62,7 +68,7 @@ def test_smollm2_verbalizer_runs(tmp_path, data_root):
 
 def test_default_job_runs_offline_on_inews(tmp_path):
     results, evaluated = _train_and_eval(
-        tmp_path, "trainer.max_steps=3", "trainer.eval_every=3", "dataset.max_eval_samples=32",
+        tmp_path, FP32, "trainer.max_steps=3", "trainer.eval_every=3", "dataset.max_eval_samples=32",
     )
     assert results["dataset"] == "inews" and results["backbone"] == "gemma3-270m"
     assert results["eval_examples"] == 32
