@@ -123,7 +123,7 @@ def lm_loss(pm, data: GenEncoded, idx: list[int], device: torch.device) -> torch
     prompts = [data.input_ids[i] for i in idx]
     model, family = pm.backbone, pm.family
     with da.prefixes(_prefixes(pm, False)):
-        if family.name == "seq2seq":
+        if family.writes_in_decoder:
             ids, mask = collate_prompts(prompts, pm.pad_id, False)
             width = max(len(t) for t in targets)
             labels = torch.tensor([t + [-100] * (width - len(t)) for t in targets], device=device)
@@ -160,7 +160,7 @@ class _Decoder:
             rows = [r[k].tolist() for r, k in zip(ids, keep & (mask > 0), strict=True)]
             ids, mask = collate_prompts(rows, pm.pad_id, pm.family.left_pad)
             ids, mask = ids.to(keep.device), mask.to(keep.device)
-        self.seq2seq = pm.family.name == "seq2seq"
+        self.seq2seq = pm.family.writes_in_decoder
         self.embeds = pm.embed(ids)
         self.mask = mask
         self.cache = None

@@ -4,6 +4,7 @@ and that every method declares what the rest of ptune asks of it (so a new one i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,3 +126,26 @@ def test_a_registered_method_is_built_without_other_edits(tiny_models, monkeypat
     _, b = batch(task)
     scores = task.model(b["input_ids"], b["attention_mask"], b["answer_pos"])
     assert scores.shape == (b["input_ids"].shape[0], 2) and torch.isfinite(scores).all()
+
+
+def test_no_module_outside_the_homes_branches_on_a_family_or_method_name():
+    """Family facts live in ptune/families/, method facts in ptune/tuners/: code elsewhere asks the object
+    (``family.writes_in_decoder``, ``tuner.is_deep``) instead of comparing its name with a literal."""
+    import re
+
+    import ptune
+
+    root = Path(ptune.__file__).parent
+    families = "|".join(f.name for f in FAMILIES)
+    methods = "|".join(METHODS)
+    literal = rf"""["']({families}|{methods})["']"""
+    pattern = re.compile(rf"(==|!=)\s*{literal}|{literal}\s*(==|!=)|\bin\s*\(\s*{literal}")
+    found = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(("families/", "tuners/")):
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if pattern.search(line):
+                found.append(f"ptune/{rel}:{n}: {line.strip()}")
+    assert not found, "\n".join(found)

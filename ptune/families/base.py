@@ -49,6 +49,9 @@ class Family:
     generates_answer: ClassVar[bool] = True
     """The answer is a generated token (next token or first decoder step), not a [MASK] slot: label words are
     tokenised as generated text (leading space after a space) and may be scored whole (multi_token=full)."""
+    writes_in_decoder: ClassVar[bool] = False
+    """Generated text comes from a separate decoder that reads the encoded input (``template.readout=generate``:
+    the target is the decoder's input and labels), not from continuing the input sequence itself."""
     supports_head_readout: ClassVar[bool] = False
     """A linear head on the pooled output (template.readout=head) is offered for this family."""
     label_rows_only: ClassVar[bool] = False

@@ -19,6 +19,7 @@ class Seq2SeqFamily(Family):
     name: ClassVar[str] = "seq2seq"
     answer_mode: ClassVar[str] = "drop"
     head_class: ClassVar[type] = AutoModelForSeq2SeqLM
+    writes_in_decoder: ClassVar[bool] = True
     peft_task_type: ClassVar[str] = "SEQ_2_SEQ_LM"
     answer_description: ClassVar[str] = "first decoder step's logits"
 
