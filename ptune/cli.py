@@ -150,9 +150,11 @@ def train_main(argv: list[str]) -> None:
             (out / "FAILED").write_text(f"{type(exc).__name__}: {one_line(exc)}\n\n{traceback.format_exc()}")
             return None
         if os.environ.get("RANK", "0") == "0":
+            also = results["metrics"].get("macro_f1")  # a class readout's; generated text has none
             print(
-                f"done: {results['metric']} {results['best_metric']:.4f} (step {results['best_step']}), "
-                f"macro_f1 {results['metrics']['macro_f1']:.4f}; run folder {out}"
+                f"done: {results['metric']} {results['best_metric']:.4f} (step {results['best_step']})"
+                + (f", macro_f1 {also:.4f}" if also is not None and results["metric"] != "macro_f1" else "")
+                + f"; run folder {out}"
             )
         return results["best_metric"]
 

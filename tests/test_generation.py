@@ -178,6 +178,22 @@ def test_generation_metrics_leave_a_redirected_stderr_open():
 
 
 # ------------------------------------------------------------------------------------ train, eval, predict, export
+def test_ptune_train_of_a_generate_template_ends_with_its_metric(tiny_models, tiny_csv, tmp_path, monkeypatch, capsys):
+    """The console script's closing line read macro_f1, which a generate run does not have: a finished run ended in a
+    KeyError traceback (found training +experiment=inews_title_ptv2)."""
+    from ptune.cli import main
+
+    from .test_cli import csv_overrides
+
+    monkeypatch.chdir(tmp_path)
+    main(["train", *csv_overrides(tiny_models, tiny_csv), f"backbone.name={tiny_models['gpt2']}",
+          "template.readout=generate", "template.text='{text_a} It was {mask}'", "template.max_target_length=4",
+          "trainer.metric=rouge_l", "trainer.max_steps=2", "trainer.eval_every=2", "hydra.run.dir=run"])
+    done = capsys.readouterr().out.strip().splitlines()[-1]
+    assert done.startswith("done: rouge_l ") and "macro_f1" not in done, done
+    assert (tmp_path / "run" / "results.json").is_file()
+
+
 def _train(tiny_models, tiny_csv, tmp_path, kind: str, method: str):
     from omegaconf import OmegaConf
 
