@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .atomic import atomic_write_json
@@ -89,8 +91,23 @@ def load_split_named_by_user(cfg: DictConfig, split_name: str) -> Split:
         raise
 
 
-def evaluate_checkpoint(path: str | Path, overrides: list[str]) -> dict:
-    task, cfg, ckpt, meta = load_task(path, overrides)
+@dataclass
+class EvalSetup:
+    """A checkpoint rebuilt on its device with the evaluation split it is scored on (``ptune eval``, benchmarks)."""
+
+    task: Task
+    cfg: DictConfig
+    ckpt: Path
+    split_name: str
+    split: Split
+    device: torch.device
+    amp: torch.dtype | None
+
+
+def prepare_evaluation(path: str | Path, overrides: list[str]) -> EvalSetup:
+    """Load the checkpoint with ``overrides``, read the split the config names (``dataset.eval_split``, at most
+    ``dataset.max_eval_samples`` examples) and ready the frozen backbone as training did."""
+    task, cfg, ckpt, _ = load_task(path, overrides)
     tr = trainer_config(cfg)
     device = pick_device(tr.device)
     amp = pick_amp(tr.precision, device)
@@ -99,13 +116,20 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str]) -> dict:
     if split.label_names != task.label_names:
         raise PtuneError(f"data labels {split.label_names} differ from the checkpoint's {task.label_names}")
     split = subsample(split, cfg.dataset.get("max_eval_samples"), 0, "dataset.max_eval_samples")
-    data = encode(task, split.examples, split.labels)
     task.model.to(device)
     prepare_frozen_backbone(task.backbone.model, amp, tr.cast_frozen_weights, tr.fuse_projections)
+    return EvalSetup(task, cfg, ckpt, split_name, split, device, amp)
+
+
+def evaluate_checkpoint(path: str | Path, overrides: list[str]) -> dict:
+    setup = prepare_evaluation(path, overrides)
+    task, ckpt, tr = setup.task, setup.ckpt, trainer_config(setup.cfg)
+    data = encode(task, setup.split.examples, setup.split.labels)
     res = evaluate(
-        task.model, data, tr.eval_batch_size, device, amp, task.left_pad, len(task.label_names), task.label_names
+        task.model, data, tr.eval_batch_size, setup.device, setup.amp, task.left_pad, len(task.label_names),
+        task.label_names,
     )
-    out = {"checkpoint": str(ckpt), "split": split_name, "examples": len(data), **res}
+    out = {"checkpoint": str(ckpt), "split": setup.split_name, "examples": len(data), **res}
     # printed first: evaluating may have taken long, and a full disk or read-only folder must not lose the result
     print(metrics_line(out), flush=True)
     target = ckpt.parent / "eval.json"

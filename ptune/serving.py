@@ -71,7 +71,7 @@ def load_prompts(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> 
         cfg, meta, state = read_checkpoint(ckpt)
         loaded.append((str(p), ckpt, apply_overrides(cfg, list(overrides)), meta, state))
     first_name, first_ckpt, first_cfg, first_meta, _ = loaded[0]
-    ref = first_meta.get("backbone", {})
+    ref, shared = first_meta.get("backbone", {}), section(first_cfg, "backbone")
     for name, _ckpt, cfg, meta, _ in loaded[1:]:
         key = identity_mismatch(ref, meta.get("backbone", {}))
         if key is not None:
@@ -80,14 +80,14 @@ def load_prompts(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> 
                 f"{ref.get(key)!r} vs {meta['backbone'].get(key)!r}): one batch can only mix prompts of the same "
                 "backbone; run them in separate calls"
             )
+        own = section(cfg, "backbone")
         for key in ("dtype", "quantize"):  # how the shared backbone is loaded: one value for all
-            if getattr(section(cfg, "backbone"), key) != getattr(section(first_cfg, "backbone"), key):
+            if getattr(own, key) != getattr(shared, key):
                 raise PtuneError(
                     f"checkpoints {first_name!r} and {name!r} use different backbone.{key} values: pass the same "
                     f"backbone.{key}=... override for all of them"
                 )
     need_lm_head = any(section(cfg, "template").readout == "verbalizer" for _, _, cfg, _, _ in loaded)
-    shared = section(first_cfg, "backbone")
     backbone = load_backbone(shared.name, with_lm_head=need_lm_head, dtype=shared.dtype, quantize=shared.quantize)
     prompts = []
     for name, ckpt, cfg, meta, state in loaded:

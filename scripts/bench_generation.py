@@ -20,12 +20,8 @@ import time
 import torch
 
 from ptune.build import encode
-from ptune.config import trainer_config
-from ptune.data.selection import subsample
-from ptune.frozen import prepare_frozen_backbone
 from ptune.generation import evaluate_generation, generate_texts
-from ptune.inference import load_split_named_by_user, load_task
-from ptune.runtime import pick_amp, pick_device
+from ptune.inference import prepare_evaluation
 
 
 def main() -> None:
@@ -41,14 +37,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    task, cfg, ckpt, _ = load_task(args.run, args.overrides)
-    tr = trainer_config(cfg)
-    device = pick_device(tr.device)
-    amp = pick_amp(tr.precision, device)
-    split = subsample(load_split_named_by_user(cfg, "dev"), args.n, 0, "--n")
+    setup = prepare_evaluation(args.run, [*args.overrides, f"dataset.max_eval_samples={args.n}"])
+    task, ckpt, split, device, amp = setup.task, setup.ckpt, setup.split, setup.device, setup.amp
     data = encode(task, split.examples, split.labels)
-    task.model.to(device)
-    prepare_frozen_backbone(task.backbone.model, amp, tr.cast_frozen_weights, tr.fuse_projections)
     pm = task.model
     print(f"{ckpt}: {len(data)} dev examples, {pm.tuner.__class__.__name__}, {torch.get_num_threads()} threads")
 
@@ -74,10 +65,9 @@ def main() -> None:
         print(f"decode {name}: {s['tokens']} tokens in {s['s']:.1f} s = {s['tokens_per_s']:.1f} tokens/s")
     gain = speed["cache"]["tokens_per_s"] / speed["no cache"]["tokens_per_s"]
     print(f"cached and uncached texts identical: {same}; the cache decodes {gain:.1f}x faster")
-    print("\nexamples (reference -> prompt | zero-shot):")
-    prompted = generate_texts(pm, few, args.batch_size, device, amp)
-    bare = generate_texts(pm, few, args.batch_size, device, amp, bare=True)
-    for ex, p, b in list(zip(split.examples, prompted, bare, strict=False))[:5]:
+    print("\nexamples, greedy (reference -> prompt | zero-shot):")
+    bare = generate_texts(pm, few, args.batch_size, device, amp, bare=True, strategy="greedy")
+    for ex, p, b in list(zip(split.examples, texts[True], bare, strict=False))[:5]:
         print(f"  {ex.get('title', '')!r} -> {p!r} | {b!r}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
