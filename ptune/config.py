@@ -168,6 +168,7 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, or on CPUs with AMX/AVX512-BF16) | fp32 | bf16 | fp16
     num_threads: int = 0  # 0: every allowed core
     bucketed: bool = True  # length-bucketed batches
+    pad_to_multiple_of: int = 1  # round each batch's width up to a multiple (8, 16): fewer shapes, fewer kernel picks
     log_every: int = 20
     metric: str = "accuracy"  # selects the best checkpoint: accuracy | macro_f1 | mcc | ... (metrics.SELECTABLE)
     tensorboard: bool = False  # same as adding tensorboard to loggers (kept for older configs)
@@ -186,6 +187,7 @@ class TrainerConfig:
         for key in ("max_steps", "batch_size", "eval_batch_size", "grad_accum", "eval_every", "log_every"):
             _integer("trainer", key, getattr(self, key), 1)
         _integer("trainer", "save_every", self.save_every, 0)
+        _integer("trainer", "pad_to_multiple_of", self.pad_to_multiple_of, 1, 512)
         _integer("trainer", "seed", self.seed, 0, 2**32 - 1)  # numpy.random.seed accepts only this range
         _integer("trainer", "num_threads", self.num_threads, 0, 4096)  # more is a typo, not a machine
         _integer("trainer", "early_stopping_patience", self.early_stopping_patience, 0)

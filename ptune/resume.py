@@ -41,6 +41,11 @@ class LoopState:
     ckpt_bytes: int = 0
     train_examples: int = 0
     train_time: float = 0.0
+    # results.json's speed figures (train.mark_speed): seconds of training at the marked steps
+    first_step_s: float = 0.0
+    warmup_s: float = 0.0
+    half_time: float = 0.0
+    half_examples: int = 0
 
 
 def _rng_json(rng: random.Random) -> dict[str, Any]:

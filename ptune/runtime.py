@@ -19,9 +19,7 @@ from .errors import PtuneError
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise PtuneError(
-            "trainer.device=cuda but no CUDA device is available: use trainer.device=auto or cpu"
-        )
+        raise PtuneError("trainer.device=cuda but no CUDA device is available: use trainer.device=auto or cpu")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -103,3 +101,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def peak_memory(device: torch.device) -> dict:
+    """The run's peak memory for results.json: what CUDA's allocator handed out on a GPU (the figure PEFT's and
+    torch's own benchmarks quote), the process's peak resident set on a CPU (weights, activations, Python)."""
+    if device.type == "cuda":
+        return {
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(device),
+            "peak_memory_kind": "cuda_max_memory_allocated",
+        }
+    import resource
+
+    return {
+        "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_memory_kind": "cpu_peak_rss",
+    }

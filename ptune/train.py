@@ -34,7 +34,15 @@ from .memory import apply_memory_features, check_combination
 from .metrics import plot_confusion
 from .progress import Reporter, SilentReporter
 from .resume import LoopState
-from .runtime import attention_kernel, compile_backbone, configure_threads, pick_amp, pick_device, seed_everything
+from .runtime import (
+    attention_kernel,
+    compile_backbone,
+    configure_threads,
+    peak_memory,
+    pick_amp,
+    pick_device,
+    seed_everything,
+)
 
 
 def run_training(cfg: DictConfig, out_dir: Path) -> dict:
@@ -49,6 +57,7 @@ def run_training(cfg: DictConfig, out_dir: Path) -> dict:
         loop = resume.load_state(out_dir, run.model, run.opt, run.sched, run.scaler, run.rng)
     run.announce(loop, changed)
     run.model.train()
+    run.setup_s = time.perf_counter() - start
     try:
         while loop.step < tr.max_steps:
             loss = train_step(run, loop)
@@ -103,6 +112,10 @@ class Run:
     tracker: object = field(default_factory=tracking.NullTracker)  # trainer.loggers and curves.png
     rng: random.Random = field(default_factory=random.Random)
     lengths: list[int] = field(default_factory=list)
+    # Losses stay on the device until read back together (see read_back_losses): (step, loss, lr) per step.
+    pending: list[tuple[int, torch.Tensor, float]] = field(default_factory=list)
+    last_loss: float = float("nan")
+    setup_s: float = 0.0  # run start to the first step: loading, tokenising, preparing the backbone
 
     @property
     def model(self):
@@ -151,6 +164,7 @@ def prepare(cfg: DictConfig, tr: TrainerConfig, d: distributed.Dist, out_dir: Pa
     task.model.to(device)
     train_data = encode(task, train_split.examples, train_split.labels)
     dev_data = encode(task, dev_split.examples, dev_split.labels)
+    train_data.width_multiple = dev_data.width_multiple = tr.pad_to_multiple_of
     opt = make_optimizer(task, tr, device)
     if d.enabled:
         distributed.broadcast_params([p for g in opt.param_groups for p in g["params"]])
@@ -172,10 +186,11 @@ def prepare(cfg: DictConfig, tr: TrainerConfig, d: distributed.Dist, out_dir: Pa
 
 
 def train_step(run: Run, loop: LoopState) -> float:
-    """One optimizer step over ``grad_accum`` batches (this rank's share of each under DDP); returns the loss."""
+    """One optimizer step over ``grad_accum`` batches (this rank's share of each under DDP); returns the latest
+    loss read back from the device (this step's whenever it is logged, evaluated or saved)."""
     tr, d, model, device = run.tr, run.d, run.model, run.device
     t0 = time.perf_counter()
-    loss_sum, n_ex = 0.0, 0
+    loss_sum, n_ex = torch.zeros((), device=device), 0
     for _ in range(tr.grad_accum):
         if not loop.batches:
             loop.batches = train_batches(run.lengths, tr.batch_size, run.rng, tr.bucketed)
@@ -196,14 +211,13 @@ def train_step(run: Run, loop: LoopState) -> float:
             else:
                 logits = model(b["input_ids"].to(device), b["attention_mask"].to(device), b["answer_pos"].to(device))
                 loss = torch.nn.functional.cross_entropy(logits.float(), b["labels"].to(device))
-        if not d.enabled and not torch.isfinite(loss):
-            raise PtuneError(non_finite_loss(loss.item(), loop, tr))
         run.scaler.scale(loss * share / tr.grad_accum).backward()
-        loss_sum += loss.item() * share / tr.grad_accum
-    if d.enabled:
-        loss_sum = distributed.all_reduce_grads(run.params, loss_sum)
-        if not math.isfinite(loss_sum):
-            raise PtuneError(non_finite_loss(loss_sum, loop, tr))
+        loss_sum += loss.detach().float() * share / tr.grad_accum
+    if d.enabled:  # the all-reduce is a host sync anyway: check here, before the update
+        value = distributed.all_reduce_grads(run.params, float(loss_sum))
+        if not math.isfinite(value):
+            raise PtuneError(non_finite_loss(value, loop.step + 1, loop, tr))
+        loss_sum = torch.tensor(value)
     if tr.grad_clip > 0:
         run.scaler.unscale_(run.opt)
         torch.nn.utils.clip_grad_norm_(run.params, tr.grad_clip)
@@ -212,13 +226,73 @@ def train_step(run: Run, loop: LoopState) -> float:
     run.opt.zero_grad(set_to_none=True)
     run.sched.step()
     loop.step += 1
-    loop.train_time += time.perf_counter() - t0
     loop.train_examples += n_ex
-    lr = run.sched.get_last_lr()[0]
-    info = f"loss {loss_sum:.4f} lr {lr:.2e} {loop.train_examples / loop.train_time:.1f} ex/s"
-    run.reporter.update(loop.step, info, log=loop.step % tr.log_every == 0)
-    run.tracker.step(loop.step, loss_sum, lr)
-    return loss_sum
+    run.pending.append((loop.step, loss_sum, run.sched.get_last_lr()[0]))
+    losses = read_back_losses(run) if must_read_back(run, loop.step) else []
+    loop.train_time += time.perf_counter() - t0  # exact whenever the losses were read back (a device sync)
+    mark_speed(loop, tr.max_steps)
+    for step, value, lr in losses:
+        if not math.isfinite(value):
+            raise PtuneError(non_finite_loss(value, step, loop, tr))
+        info = f"loss {value:.4f} lr {lr:.2e} {loop.train_examples / loop.train_time:.1f} ex/s"
+        run.reporter.update(step, info, log=step % tr.log_every == 0)
+        run.tracker.step(step, value, lr)
+        run.last_loss = value
+    return run.last_loss
+
+
+def must_read_back(run: Run, step: int) -> bool:
+    """Whether this step reads its losses back from the device. Reading a CUDA tensor waits for every queued
+    kernel, so doing it each step (a ``loss.item()`` or a finite check) keeps the GPU idle while Python queues the
+    next step. On CUDA the losses are read every ``log_every`` steps and wherever a number or the prompt is
+    used: evaluations, saves, the last step, and the steps whose times results.json reports (``mark_speed``).
+    A CPU computes synchronously, so there every step is read at once, as before. A non-finite loss is reported
+    with its own step either way, and no checkpoint or resumable state is ever written before that check."""
+    tr = run.tr
+    if run.device.type != "cuda":
+        return True
+    return (
+        step % tr.log_every == 0
+        or step % tr.eval_every == 0
+        or step == tr.max_steps
+        or bool(tr.save_every and step % tr.save_every == 0)
+        or step in speed_mark_steps(tr.max_steps)
+    )
+
+
+def read_back_losses(run: Run) -> list[tuple[int, float, float]]:
+    """One device-to-host copy for every loss since the last read: [(step, loss, lr)]."""
+    values = torch.stack([loss for _, loss, _ in run.pending]).tolist()
+    losses = [(step, value, lr) for (step, _, lr), value in zip(run.pending, values, strict=True)]
+    run.pending.clear()
+    return losses
+
+
+def speed_mark_steps(max_steps: int) -> tuple[int, int, int]:
+    """Steps after which results.json takes the time: the first step, the end of the warm-up window (the first
+    tenth of the run), and half-way (the steady-state rate is the second half's)."""
+    return 1, warmup_steps(max_steps), max_steps // 2
+
+
+def warmup_steps(max_steps: int) -> int:
+    return max(1, max_steps // 10)
+
+
+def mark_speed(loop: LoopState, max_steps: int) -> None:
+    first, warm, half = speed_mark_steps(max_steps)
+    if loop.step == first:
+        loop.first_step_s = loop.train_time
+    if loop.step == warm:
+        loop.warmup_s = loop.train_time
+    if loop.step == half:
+        loop.half_time, loop.half_examples = loop.train_time, loop.train_examples
+
+
+def steady_rate(loop: LoopState) -> float:
+    """Training examples per second after half-way: kernel selection, allocator growth and other first-use costs
+    are behind the run by then (a run of one step has no second half: its whole rate)."""
+    seconds = loop.train_time - loop.half_time
+    return (loop.train_examples - loop.half_examples) / max(seconds, 1e-9)
 
 
 def evaluate_and_keep_best(run: Run, loop: LoopState, loss: float) -> bool:
@@ -233,7 +307,13 @@ def evaluate_and_keep_best(run: Run, loop: LoopState, loss: float) -> bool:
     if calibrate:  # before the eval that decides the save: both see this offset
         calibration.calibrate(task, run.device, run.amp)
     res = evaluate(
-        run.model, run.dev_data, tr.eval_batch_size, run.device, run.amp, task.left_pad, len(task.label_names),
+        run.model,
+        run.dev_data,
+        tr.eval_batch_size,
+        run.device,
+        run.amp,
+        task.left_pad,
+        len(task.label_names),
         task.label_names,
     )
     loop.history.append({"step": loop.step, "loss": loss, **res})
@@ -265,7 +345,13 @@ def follow_evaluation(run: Run) -> None:
     if calibrate:
         calibration.calibrate(task, run.device, run.amp)
     evaluate(
-        run.model, run.dev_data, run.tr.eval_batch_size, run.device, run.amp, task.left_pad, len(task.label_names),
+        run.model,
+        run.dev_data,
+        run.tr.eval_batch_size,
+        run.device,
+        run.amp,
+        task.left_pad,
+        len(task.label_names),
         task.label_names,
     )
     if calibrate:
@@ -281,7 +367,13 @@ def finish(run: Run, loop: LoopState, wall_s: float) -> dict:
         _, _, state = read_checkpoint(run.out_dir / "checkpoint")
         load_trainable_state(run.model, state)
         final = evaluate(
-            run.model, run.dev_data, tr.eval_batch_size, run.device, run.amp, task.left_pad, len(task.label_names),
+            run.model,
+            run.dev_data,
+            tr.eval_batch_size,
+            run.device,
+            run.amp,
+            task.left_pad,
+            len(task.label_names),
             task.label_names,
         )
     trainable = sum(p.numel() for p in run.params)
@@ -298,7 +390,13 @@ def finish(run: Run, loop: LoopState, wall_s: float) -> dict:
         "eval_examples": len(run.dev_data),
         "k_shot": cfg.dataset.get("k_shot"),
         "train_examples_per_s": loop.train_examples / max(loop.train_time, 1e-9),
+        "steady_train_examples_per_s": steady_rate(loop),
         "eval_examples_per_s": final["eval_examples_per_s"],
+        "setup_s": run.setup_s,
+        "first_step_s": loop.first_step_s,
+        "warmup_steps": warmup_steps(tr.max_steps),
+        "warmup_s": loop.warmup_s,
+        **peak_memory(run.device),
         "wall_s": wall_s,
         "device": str(run.device),
         "autocast": str(run.amp).replace("torch.", "") if run.amp else "fp32",
@@ -359,10 +457,10 @@ def checkpoint_meta(task: Task, cfg: DictConfig | None = None) -> dict:
     }
 
 
-def non_finite_loss(value: float, loop: LoopState, tr: TrainerConfig) -> str:
+def non_finite_loss(value: float, step: int, loop: LoopState, tr: TrainerConfig) -> str:
     kept = (
         f"the best checkpoint so far (step {loop.best_step}) is kept"
         if loop.best_step
         else "no checkpoint had been saved yet"
     )
-    return f"loss became {value} at step {loop.step + 1}: lower trainer.lr (now {tr.lr}); {kept}"
+    return f"loss became {value} at step {step}: lower trainer.lr (now {tr.lr}); {kept}"

@@ -148,6 +148,51 @@ def test_padding_side_and_batch_of_one(tiny_models, method, kind):
         torch.testing.assert_close(logits(task, one)[0], lr[i], rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("method,kind", GRID)
+def test_batches_padded_to_a_width_multiple_give_the_same_logits(tiny_models, method, kind):
+    """trainer.pad_to_multiple_of only adds padding: every family masks it (and places positions) the same."""
+    task = make_task(_cfg(tiny_models, method, kind, prompt_length=3))
+    _perturb(task)
+    enc, _ = batch(task)
+    short = sorted(range(len(enc)), key=lambda i: len(enc.input_ids[i]))[:3]
+    natural = collate(enc, short, task.model.pad_id, task.left_pad)
+    enc.width_multiple = enc.longest  # as wide as the data allows: the most padding rounding can add
+    padded = collate(enc, short, task.model.pad_id, task.left_pad)
+    assert padded["input_ids"].shape[1] > natural["input_ids"].shape[1]
+    torch.testing.assert_close(logits(task, padded), logits(task, natural), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("method", ["ptuning_v2", "prefix"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_unpadded_deep_prompt_rows_take_the_lower_right_causal_form(tiny_models, method, kind, monkeypatch):
+    """On CUDA a batch without padding attends "every prefix slot, then causal" through a lower-right CausalBias
+    (flash attention, no mask tensor). Forced on here, where it is materialised: same logits, same gradients.
+    (Gemma 3 always hands its layers a mask, sliding-window or full, so it keeps the mask tensor.)"""
+    from ptune.tuners import deep_attention
+
+    task = make_task(_cfg(tiny_models, method, kind, prompt_length=3))
+    _perturb(task)
+    enc, _ = batch(task)
+    one = collate(enc, [1], task.model.pad_id, task.left_pad)  # one row: nothing to pad
+
+    def scores_and_grads():
+        task.model.zero_grad()
+        out = task.model(one["input_ids"], one["attention_mask"], one["answer_pos"])
+        out.sum().backward()
+        return out.detach(), [p.grad.clone() for p in task.model.trainable_parameters()]
+
+    want = scores_and_grads()
+    calls = []
+    original = deep_attention.causal_lower_right
+    monkeypatch.setattr(deep_attention, "LOWER_RIGHT_DEVICES", {"cpu"})
+    monkeypatch.setattr(deep_attention, "causal_lower_right", lambda *a: calls.append(a) or original(*a))
+    got = scores_and_grads()
+    assert calls, "the lower-right form was never used"
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=2e-5)
+    for g, w in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
 SHARED_PREFIX_CASES = [
     (method, kind, length, template)
     for kind in ("gpt2", "llama", "gemma3")

@@ -308,5 +308,5 @@ def test_non_finite_loss_message_is_true():
     from ptune.train import TrainerConfig, non_finite_loss
 
     tr = TrainerConfig()
-    assert "no checkpoint had been saved yet" in non_finite_loss(float("nan"), LoopState(step=3), tr)
-    assert "step 2) is kept" in non_finite_loss(float("nan"), LoopState(step=3, best_step=2), tr)
+    assert "no checkpoint had been saved yet" in non_finite_loss(float("nan"), 4, LoopState(step=3), tr)
+    assert "step 2) is kept" in non_finite_loss(float("nan"), 4, LoopState(step=3, best_step=2), tr)

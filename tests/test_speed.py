@@ -151,3 +151,26 @@ def test_cast_frozen_weights_trains_the_same_prompt(tiny_models, tiny_csv, tmp_p
 def test_compile_true_trains(tiny_models, tiny_csv, tmp_path):
     state = _train(tiny_models, tiny_csv, tmp_path / "compiled", ["trainer.compile=true", "trainer.max_steps=2"])
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_batch_width_rounds_up_within_the_longest_row():
+    from ptune.batching import batch_width
+
+    assert [batch_width(w, 8, 100) for w in (1, 5, 8, 9, 17)] == [8, 8, 8, 16, 24]
+    assert batch_width(9, 8, 12) == 12  # never wider than the data set's longest row (positions)
+    assert batch_width(13, 8, 12) == 13 and batch_width(13, 1, 12) == 13  # never narrower than the batch
+
+
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_rounded_collate_only_adds_padding(left_pad):
+    rows = [[5, 6, 7], [8, 9], list(range(1, 31))]
+    plain = Encoded(rows, [2, 1, 29], [0, 1, 0])
+    rounded = Encoded(rows, [2, 1, 29], [0, 1, 0], width_multiple=8)
+    a, b = collate(plain, [0, 1], 0, left_pad), collate(rounded, [0, 1], 0, left_pad)
+    assert a["input_ids"].shape[1] == 3 and b["input_ids"].shape[1] == 8
+    cut = slice(5, None) if left_pad else slice(0, 3)
+    for key in ("input_ids", "attention_mask"):
+        assert torch.equal(b[key][:, cut], a[key]) and int(b[key].sum()) == int(a[key].sum())
+    assert torch.equal(b["answer_pos"], a["answer_pos"] + (5 if left_pad else 0)) and torch.equal(
+        b["labels"], a["labels"]
+    )

@@ -351,3 +351,74 @@ def test_eval_overrides_choose_the_split_and_the_sample_cap(tiny_models, tiny_cs
     assert capped["examples"] == 3
     dev = evaluate_checkpoint(run, files)
     assert (dev["split"], dev["examples"]) == ("dev", 12)
+
+
+# ------------------------------------------------------------------------------------ speed figures, loss read-back
+
+
+def test_results_report_setup_first_step_warmup_steady_rate_and_peak_memory(tiny_models, tiny_csv, tmp_path):
+    res = run_training(_cfg(tiny_models, tiny_csv, "trainer.max_steps=20", "trainer.eval_every=20"), tmp_path / "r")
+    assert res == json.loads((tmp_path / "r" / "results.json").read_text())
+    assert res["warmup_steps"] == 2  # the first tenth of the run
+    assert 0 < res["first_step_s"] <= res["warmup_s"] and res["setup_s"] > 0
+    for key in ("steady_train_examples_per_s", "train_examples_per_s", "peak_memory_bytes"):
+        assert math.isfinite(res[key]) and res[key] > 0, key
+    assert res["peak_memory_kind"] == "cpu_peak_rss" and res["peak_memory_bytes"] > 50 * 2**20
+
+
+def test_steady_rate_is_the_second_half_of_the_run():
+    from ptune.resume import LoopState
+
+    loop = LoopState()
+    for step in range(1, 21):  # batch 8; steps 1-10 take 1 s each (warming up), steps 11-20 0.1 s each
+        loop.step, loop.train_examples = step, 8 * step
+        loop.train_time += 1.0 if step <= 10 else 0.1
+        LOOP["mark_speed"](loop, 20)
+    assert (loop.first_step_s, loop.warmup_s) == (1.0, 2.0)
+    assert LOOP["steady_rate"](loop) == pytest.approx(80 / 1.0)  # not the whole run's 160 / 11 s
+    assert LOOP["warmup_steps"](20) == 2 and LOOP["warmup_steps"](5) == 1
+
+
+def test_cuda_reads_losses_back_only_where_they_are_used():
+    from ptune.config import TrainerConfig
+
+    def read_steps(device: str, **tr) -> list[int]:
+        run = SimpleNamespace(device=torch.device(device), tr=TrainerConfig(**tr))
+        return [s for s in range(1, 101) if LOOP["must_read_back"](run, s)]
+
+    tr = {"max_steps": 100, "log_every": 20, "eval_every": 50, "save_every": 30}
+    assert read_steps("cuda", **tr) == [1, 10, 20, 30, 40, 50, 60, 80, 90, 100]  # logs, evals, saves, speed marks
+    assert read_steps("cpu", **tr) == list(range(1, 101))  # a CPU computes synchronously: nothing to gain
+
+
+def _deferred_read_back(monkeypatch, every: int) -> list[int]:
+    """Read the losses back every ``every`` steps only (and at the last step), as on CUDA, here on the CPU.
+    Returns the number of losses each read-back brought."""
+    reads, read_back = [], LOOP["read_back_losses"]
+
+    def counted(run):
+        reads.append(len(run.pending))
+        return read_back(run)
+
+    monkeypatch.setitem(LOOP, "must_read_back", lambda run, step: step % every == 0 or step == run.tr.max_steps)
+    monkeypatch.setitem(LOOP, "read_back_losses", counted)
+    return reads
+
+
+def test_deferred_read_back_logs_every_step_loss_unchanged(tiny_models, tiny_csv, tmp_path, monkeypatch):
+    common = ("trainer.max_steps=7", "trainer.eval_every=7", "trainer.loggers=[csv]")
+    run_training(_cfg(tiny_models, tiny_csv, *common), tmp_path / "each")
+    reads = _deferred_read_back(monkeypatch, 3)
+    run_training(_cfg(tiny_models, tiny_csv, *common), tmp_path / "deferred")
+    assert reads == [3, 3, 1]  # steps 1-3, 4-6 and 7, each in one device-to-host copy
+    each, deferred = ((tmp_path / d / "train_log.csv").read_text() for d in ("each", "deferred"))
+    assert each == deferred and len(each.splitlines()) == 8  # header + one row per step, same losses
+
+
+def test_deferred_read_back_still_reports_the_nan_step_and_saves_nothing(tiny_models, tiny_csv, tmp_path, monkeypatch):
+    _deferred_read_back(monkeypatch, 4)  # NaN at step 2 (lr 1e30), read back at step 4, before its evaluation
+    cfg = _cfg(tiny_models, tiny_csv, "trainer.lr=1e30", "trainer.max_steps=8", "trainer.eval_every=4")
+    with pytest.raises(PtuneError) as exc:
+        run_training(cfg, tmp_path / "run")
+    assert "loss became nan at step 2" in str(exc.value) and "no checkpoint had been saved yet" in str(exc.value)
+    assert not (tmp_path / "run" / "checkpoint").exists()

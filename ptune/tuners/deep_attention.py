@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -59,6 +60,10 @@ def _extend(module, query, key, value, pk, pv, mask, kwargs, keep=None):
     if mask is None:
         causal = kwargs.get("is_causal")
         causal = getattr(module, "is_causal", False) if causal is None else causal
+        if causal and q_len > 1 and keep is None and kwargs.get("position_bias") is None and lower_right_causal(key):
+            # No padding and one prefix length: "every prefix slot, then causal" is causal attention aligned to
+            # the bottom-right corner, which the flash kernel runs without any mask tensor.
+            return key, value, causal_lower_right(q_len, k_len + p), kwargs
         if causal and q_len > 1:
             rows = torch.arange(q_len, device=key.device)[:, None] + (k_len - q_len)
             mask = (rows >= torch.arange(k_len, device=key.device)[None, :]).view(1, 1, q_len, k_len)
@@ -78,6 +83,13 @@ def _extend(module, query, key, value, pk, pv, mask, kwargs, keep=None):
     if bias is not None:
         kwargs = {**kwargs, "position_bias": F.pad(bias, (p, 0), value=0.0)}
     return key, value, mask, kwargs
+
+
+LOWER_RIGHT_DEVICES = {"cuda"}  # where a lower-right CausalBias beats a mask tensor (a CPU would materialise it)
+
+
+def lower_right_causal(key: torch.Tensor) -> bool:
+    return key.device.type in LOWER_RIGHT_DEVICES
 
 
 ALL_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, _attention)
