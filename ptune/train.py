@@ -306,16 +306,7 @@ def evaluate_and_keep_best(run: Run, loop: LoopState, loss: float) -> bool:
     calibrate = bool(run.cfg.template.get("calibrate"))
     if calibrate:  # before the eval that decides the save: both see this offset
         calibration.calibrate(task, run.device, run.amp)
-    res = evaluate(
-        run.model,
-        run.dev_data,
-        tr.eval_batch_size,
-        run.device,
-        run.amp,
-        task.left_pad,
-        len(task.label_names),
-        task.label_names,
-    )
+    res = evaluate_dev(run)
     loop.history.append({"step": loop.step, "loss": loss, **res})
     run.tracker.evaluation(loop.step, res)
     atomic_write_text(run.out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in loop.history))
@@ -344,18 +335,18 @@ def follow_evaluation(run: Run) -> None:
     calibrate = bool(run.cfg.template.get("calibrate"))
     if calibrate:
         calibration.calibrate(task, run.device, run.amp)
-    evaluate(
-        run.model,
-        run.dev_data,
-        run.tr.eval_batch_size,
-        run.device,
-        run.amp,
-        task.left_pad,
-        len(task.label_names),
-        task.label_names,
-    )
+    evaluate_dev(run)
     if calibrate:
         calibration.reset(task)
+
+
+def evaluate_dev(run: Run) -> dict:
+    """The evaluation split, on the run's device and precision and with its family's padding side."""
+    task = run.task
+    return evaluate(
+        run.model, run.dev_data, run.tr.eval_batch_size, run.device, run.amp, task.left_pad, len(task.label_names),
+        task.label_names,
+    )  # fmt: skip
 
 
 def finish(run: Run, loop: LoopState, wall_s: float) -> dict:
@@ -366,16 +357,7 @@ def finish(run: Run, loop: LoopState, wall_s: float) -> dict:
         # The checkpoint holds the folded reparameterisation: report what `ptune eval` will reproduce.
         _, _, state = read_checkpoint(run.out_dir / "checkpoint")
         load_trainable_state(run.model, state)
-        final = evaluate(
-            run.model,
-            run.dev_data,
-            tr.eval_batch_size,
-            run.device,
-            run.amp,
-            task.left_pad,
-            len(task.label_names),
-            task.label_names,
-        )
+        final = evaluate_dev(run)
     trainable = sum(p.numel() for p in run.params)
     results = {
         "best_metric": final[tr.metric],

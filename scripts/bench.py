@@ -421,7 +421,6 @@ def versions() -> dict:
 
 def side_ptune(args, cfg) -> dict:
     from ptune import train as T
-    from ptune.evaluate import evaluate
 
     seen: dict = {"tokens": 0, "computed": 0}
     build_task, prepare = T.build_task, T.prepare
@@ -451,10 +450,7 @@ def side_ptune(args, cfg) -> dict:
         res = T.run_training(cfg, Path(out))
     task, run = seen["task"], seen["run"]
     synchronize(run.device)
-    warm = evaluate(
-        run.model, run.dev_data, run.tr.eval_batch_size, run.device, run.amp, task.left_pad,
-        len(task.label_names), task.label_names,
-    )  # fmt: skip
+    warm = T.evaluate_dev(run)
     train_time = res["steps"] * int(cfg.trainer.batch_size) / res["train_examples_per_s"]
     rows = seen["computed"] // max(1, res["steps"])
     return {
