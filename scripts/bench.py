@@ -94,7 +94,7 @@ from bench_memory import SHAPES as MEMORY_SHAPES  # noqa: E402
 from bench_memory import Shape  # noqa: E402
 
 from ptune.runtime import peak_memory  # noqa: E402  (results.json's figure, used for PEFT's side too)
-from ptune.train import warmup_steps  # noqa: E402  (the warm-up window of results.json)
+from ptune.train import speed_mark_steps  # noqa: E402  (results.json's first, warm-up and half-way steps)
 
 # Each setup pins the steps and optimiser settings it is measured with (the issue's reference figures), so the
 # benchmark does not move when an experiment's own defaults are retuned for accuracy.
@@ -299,7 +299,7 @@ def synchronize(device) -> None:
 
 def timing_points(steps: int) -> tuple[int, ...]:
     """The steps (1-based) whose end times ``step_timing`` reads: only there does a CUDA loop need to synchronise."""
-    return tuple(sorted({1, warmup_steps(steps), steps // 2, steps} - {0}))
+    return tuple(sorted({*speed_mark_steps(steps), steps} - {0}))
 
 
 def step_timing(start: float, ends: list[float], examples: list[int]) -> dict:
@@ -311,7 +311,7 @@ def step_timing(start: float, ends: list[float], examples: list[int]) -> dict:
     steps = len(ends)
     if steps == 0 or len(examples) != steps:
         raise ValueError(f"need one end time and one example count per step ({steps} vs {len(examples)})")
-    n, half = warmup_steps(steps), steps // 2
+    _, n, half = speed_mark_steps(steps)
     half_end = ends[half - 1] if half else start
     return {
         "first_step_s": ends[0] - start,
