@@ -362,6 +362,11 @@ def build_synthetic(args, folder: Path) -> Path:
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         print(f"bench: reusing the synthetic decoder in {folder}", file=sys.stderr, flush=True)
         return folder
+    if folder.is_dir() and any(folder.iterdir()) and not marker.is_file():
+        raise SystemExit(  # it would overwrite config.json and the weights of whatever model lives there
+            f"bench: --synthetic-dir {folder} holds files the bench did not write (no {marker.name}): name a new or "
+            "empty folder"
+        )
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(tok_dir, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(tok_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -64,6 +64,18 @@ def test_new_options_parse(bench, tmp_path):
         bench.parse_args(["--setup", "synthetic-soft", "--shape", "70b"])
 
 
+def test_synthetic_dir_never_overwrites_a_folder_the_bench_did_not_write(bench, tmp_path):
+    theirs = tmp_path / "my-model"
+    theirs.mkdir()
+    (theirs / "config.json").write_text('{"mine": true}')
+    args = bench.parse_args(["--setup", "synthetic-soft", "--shape", "tiny", "--tokenizer", str(tmp_path / "none")])
+    with pytest.raises(SystemExit) as exc:
+        bench.build_synthetic(args, theirs)
+    assert "did not write" in str(exc.value) and "\n" not in str(exc.value)
+    assert [p.name for p in theirs.iterdir()] == ["config.json"]
+    assert (theirs / "config.json").read_text() == '{"mine": true}'
+
+
 def test_synthetic_shapes(bench):
     tiny, llama = bench.SYNTHETIC_SHAPES["tiny"], bench.SYNTHETIC_SHAPES["tinyllama"]
     assert tiny.hidden == 64 and tiny.layers <= 4
