@@ -335,8 +335,16 @@ def to_markdown(root: Path, keys: list[str], rows: list[dict[str, Any]], failed:
     return "\n".join(lines) + "\n"
 
 
-def print_table(root: Path, keys: list[str], rows: list[dict[str, Any]], failed: list[Run]) -> None:
+def table_console():
+    """A rich console for tables: a terminal's own width, but 200 columns for logs and pipes, where rich would
+    otherwise squeeze every table into 80 columns and cut its cells to "0.87…"."""
     from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
+def print_table(root: Path, keys: list[str], rows: list[dict[str, Any]], failed: list[Run]) -> None:
     from rich.table import Table
 
     table = Table(title=f"ptune report: {root}")
@@ -347,9 +355,7 @@ def print_table(root: Path, keys: list[str], rows: list[dict[str, Any]], failed:
         table.add_column(name, justify="right")
     for r in rows:
         table.add_row(*[_fmt(r[k]) for k in keys], *[fn(r) for _, fn in DISPLAY])
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: do not squeeze the table into 80 columns
-        console = Console(width=200)
+    console = table_console()
     console.print(table)
     for r in failed:
         console.print(f"[red]failed[/red] {_rel(r.path, root)}: {r.error}", highlight=False)

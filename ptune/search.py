@@ -40,6 +40,7 @@ from omegaconf import OmegaConf
 from . import config, runfolder
 from .atomic import atomic_write_text
 from .errors import PtuneError, one_line
+from .report import table_console
 
 STUDY = "ptune"
 DB = "optuna.db"
@@ -285,7 +286,7 @@ def write_search_report(folder: Path):
     lines += ["| " + " | ".join(c.replace("|", "/") for c in row(t)) + " |" for t in trials]
     atomic_write_text(folder / "search.md", "\n".join(lines) + "\n")
     _plot(folder / "search.png", study, trials, keys, metric)
-    _print_table(header, [row(t) for t in trials], best, metric)
+    _print_table(trials, keys, best, metric)
     return best
 
 
@@ -340,20 +341,27 @@ def _plot(path: Path, study, trials, keys: list[str], metric: str) -> bool:
     return True
 
 
-def _print_table(header: list[str], rows: list[list[str]], best, metric: str) -> None:
-    from rich.console import Console
+def _print_table(trials, keys: list[str], best, metric: str) -> None:
+    """The trials on the terminal, short enough to read: parameters by their last name (`lr` for `trainer.lr`,
+    unless two keys share it) and numbers to 4 significant digits; search.csv keeps full precision."""
     from rich.table import Table
 
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    names = [n if last.count(n) == 1 else k for n, k in zip(last, keys, strict=True)]
+
+    def cell(v) -> str:
+        return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
     table = Table(title="ptune search")
-    for col in header[:-1]:
+    for col in ["trial", "state", metric, *names]:
         table.add_column(col)
-    for r in rows:
-        table.add_row(*r[:-1])
-    console = Console()
+    for t in trials:
+        table.add_row(str(t.number), t.state.name, cell(t.value), *(cell(t.params.get(k)) for k in keys))
+    console = table_console()
     console.print(table)
     if best is not None:
         console.print(f"best trial {best.number}: {metric} {best.value:.4f} "
-                      + " ".join(f"{k}={v}" for k, v in best.params.items()))
+                      + " ".join(f"{k}={v}" for k, v in best.params.items()), highlight=False)
 
 
 def report_search_main(folder: Path) -> None:

@@ -138,3 +138,35 @@ def test_shipped_search_spaces_compose():
         assert (config_dir() / "experiment" / f"{spec.experiment}.yaml").is_file()
 
 
+
+
+def test_search_table_is_readable_in_a_log(tmp_path, capsys):
+    """Printed into a log (not a terminal), the trials table of the real 6-parameter space used to be squeezed into
+    80 columns, every value cut to "0.87…"; it now shows each parameter by its last name and 4 significant digits."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from ptune.search import STUDY, storage_url, write_search_report
+
+    study = optuna.create_study(study_name=STUDY, storage=storage_url(tmp_path), direction="maximize")
+    space = {"trainer.lr": FloatDistribution(0.003, 0.3, log=True),
+             "trainer.head_lr": FloatDistribution(0.001, 0.1, log=True),
+             "method.prompt_length": CategoricalDistribution([8, 16, 32, 64]),
+             "trainer.max_steps": CategoricalDistribution([400, 600]),
+             "trainer.schedule": CategoricalDistribution(["linear", "cosine"]),
+             "method.init": CategoricalDistribution(["vocab", "random"])}
+    params = {"trainer.lr": 0.049782250719132864, "trainer.head_lr": 0.002575842777242345,
+              "method.prompt_length": 64, "trainer.max_steps": 600, "trainer.schedule": "cosine",
+              "method.init": "vocab"}
+    study.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=0.873,
+                                              user_attrs={"metric": "accuracy", "run_dir": "trial_000"}))
+    write_search_report(tmp_path)
+    out = capsys.readouterr().out
+    assert "…" not in out
+    header = next(line for line in out.splitlines() if "trial" in line and "state" in line)
+    assert [c.strip() for c in header.strip("┃│ ").split("┃")] == [
+        "trial", "state", "accuracy", "lr", "head_lr", "prompt_length", "max_steps", "schedule", "init"]
+    row = next(line for line in out.splitlines() if "COMPLETE" in line)
+    assert [c.strip() for c in row.strip("│ ").split("│")] == [
+        "0", "COMPLETE", "0.873", "0.04978", "0.002576", "64", "600", "cosine", "vocab"]
+    assert (tmp_path / "search.csv").read_text().count("0.049782250719132864") == 1  # the file keeps every digit
