@@ -95,6 +95,14 @@ def test_compose_cfg_puts_both_sides_on_the_device_and_the_local_folder(bench, t
     assert (cfg.trainer.max_steps, cfg.trainer.eval_every, cfg.dataset.max_train_samples) == (8, 8, 32)
 
 
+def test_minilm_setup_pins_its_measured_prompt_length_and_optimiser(bench):
+    """The sst2_ptv2 recipe moved to 64 prefixes and lr 0.05; the bench keeps the 20 prefixes and lr 0.01 / 0.005
+    its recorded PEFT comparison (README, 92,930 trainable parameters) was measured with."""
+    cfg = bench.compose_cfg(bench.parse_args(["--setup", "minilm-ptv2", "--steps", "4"]))
+    assert (cfg.method.name, cfg.method.prompt_length) == ("ptuning_v2", 20)
+    assert (cfg.trainer.lr, cfg.trainer.head_lr, cfg.trainer.schedule) == (0.01, 0.005, "linear")
+
+
 def test_step_timing_splits_warmup_and_steady(bench):
     # 20 steps of 4 examples: step 1 takes 5 s, steps 2-10 take 1 s each, steps 11-20 take 0.5 s each.
     durations = [5.0] + [1.0] * 9 + [0.5] * 10
