@@ -138,8 +138,6 @@ def test_shipped_search_spaces_compose():
         assert (config_dir() / "experiment" / f"{spec.experiment}.yaml").is_file()
 
 
-
-
 def test_search_table_is_readable_in_a_log(tmp_path, capsys):
     """Printed into a log (not a terminal), the trials table of the real 6-parameter space used to be squeezed into
     80 columns, every value cut to "0.87…"; it now shows each parameter by its last name and 4 significant digits."""
