@@ -170,6 +170,9 @@ class TrainerConfig:
     bucketed: bool = True  # length-bucketed batches
     pad_to_multiple_of: int = 1  # round each batch's width up to a multiple (8, 16): fewer shapes, fewer kernel picks
     log_every: int = 20
+    # none | balanced: the classifier loss weighted by n / (C * count_c) of the training labels (sklearn's
+    # "balanced"), so a rare class counts as much as a common one; it lifts macro-F1 on CB's rare neutral class.
+    class_weights: str = "none"
     metric: str = "accuracy"  # selects the best checkpoint: accuracy | macro_f1 | mcc | ... (metrics.SELECTABLE)
     tensorboard: bool = False  # same as adding tensorboard to loggers (kept for older configs)
     loggers: list[str] = field(default_factory=list)  # any of csv, tensorboard, mlflow (ptune/tracking.py)
@@ -197,6 +200,7 @@ class TrainerConfig:
         _number("trainer", "weight_decay", self.weight_decay, 0.0)
         _number("trainer", "grad_clip", self.grad_clip, 0.0)
         _choice("trainer", "schedule", self.schedule, ("linear", "cosine", "constant"))
+        _choice("trainer", "class_weights", self.class_weights, ("none", "balanced"))
         _choice("trainer", "device", self.device, ("auto", "cpu", "cuda"))
         _choice("trainer", "precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         from .metrics import SELECTABLE

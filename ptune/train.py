@@ -111,6 +111,7 @@ class Run:
     reporter: Reporter
     tracker: object = field(default_factory=tracking.NullTracker)  # trainer.loggers and curves.png
     rng: random.Random = field(default_factory=random.Random)
+    class_weight: torch.Tensor | None = None  # trainer.class_weights, on the device (None: unweighted)
     lengths: list[int] = field(default_factory=list)
     # Losses stay on the device until read back together (see read_back_losses): (step, loss, lr) per step.
     pending: list[tuple[int, torch.Tensor, float]] = field(default_factory=list)
@@ -181,6 +182,7 @@ def prepare(cfg: DictConfig, tr: TrainerConfig, d: distributed.Dist, out_dir: Pa
         reporter=Reporter(tr.max_steps, enabled=True) if d.is_main else SilentReporter(),
         tracker=tracking.open_tracker(cfg, tr, out_dir) if d.is_main else tracking.NullTracker(),
         rng=random.Random(tr.seed),
+        class_weight=class_weights(tr, task, train_split.labels, device),
         lengths=[len(x) for x in train_data.input_ids],
     )  # fmt: skip
 
@@ -210,7 +212,7 @@ def train_step(run: Run, loop: LoopState) -> float:
                 loss = lm_loss(model, run.train_data, idx, device)
             else:
                 logits = model(b["input_ids"].to(device), b["attention_mask"].to(device), b["answer_pos"].to(device))
-                loss = torch.nn.functional.cross_entropy(logits.float(), b["labels"].to(device))
+                loss = torch.nn.functional.cross_entropy(logits.float(), b["labels"].to(device), run.class_weight)
         run.scaler.scale(loss * share / tr.grad_accum).backward()
         loss_sum += loss.detach().float() * share / tr.grad_accum
     if d.enabled:  # the all-reduce is a host sync anyway: check here, before the update
@@ -239,6 +241,28 @@ def train_step(run: Run, loop: LoopState) -> float:
         run.tracker.step(step, value, lr)
         run.last_loss = value
     return run.last_loss
+
+
+def class_weights(tr: TrainerConfig, task: Task, labels: list[int], device: torch.device) -> torch.Tensor | None:
+    """The classifier loss's class weights: n / (C * count_c) over the training labels for ``balanced`` (each
+    class then carries the same total weight, as with scikit-learn's ``class_weight="balanced"``), None for
+    ``none``. A weighted cross-entropy is still a mean over the batch (PyTorch divides by the summed weights)."""
+    if tr.class_weights == "none":
+        return None
+    if is_generative(task.model):
+        raise PtuneError(
+            "trainer.class_weights=balanced weighs classes of a classifier readout, but template.readout=generate "
+            "trains on target tokens: use trainer.class_weights=none"
+        )
+    label_names = task.label_names
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=len(label_names)).double()
+    missing = [name for name, c in zip(label_names, counts.tolist(), strict=True) if c == 0]
+    if missing:
+        raise PtuneError(
+            f"trainer.class_weights=balanced: class {missing[0]!r} has no training example, so it has no weight; "
+            "use trainer.class_weights=none or training data with every class"
+        )
+    return (counts.sum() / (len(label_names) * counts)).float().to(device)
 
 
 def must_read_back(run: Run, step: int) -> bool:

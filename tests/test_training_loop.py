@@ -422,3 +422,46 @@ def test_deferred_read_back_still_reports_the_nan_step_and_saves_nothing(tiny_mo
         run_training(cfg, tmp_path / "run")
     assert "loss became nan at step 2" in str(exc.value) and "no checkpoint had been saved yet" in str(exc.value)
     assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+# ------------------------------------------------------------------------------------ class weights
+
+
+def _imbalanced_csv(tmp_path: Path, positives: int) -> Path:
+    negatives = [(s, "negative") for s in (SENTENCES * 3)[: 18 - positives]]
+    return write_csv(tmp_path / "imbalanced.csv", negatives + [(s, "positive") for s in SENTENCES[:positives]])
+
+
+def test_balanced_class_weights_weigh_the_loss_by_inverse_class_frequency(tiny_models, tiny_csv, tmp_path, monkeypatch):
+    rec = _recording(monkeypatch)
+    train = _imbalanced_csv(tmp_path, positives=3)  # 15 negative, 3 positive: weights 18/30 and 18/6
+    cfg = _cfg(
+        tiny_models, tiny_csv, f"dataset.train_file={train}", "trainer.class_weights=balanced",
+        "trainer.batch_size=18", "trainer.max_steps=1", "trainer.eval_every=1", "trainer.grad_clip=0",
+    )
+    run_training(cfg, tmp_path / "run")
+    ((data, idx, args),) = rec["batches"]
+    model, params = rec["task"].model, rec["params"]
+    with torch.no_grad():
+        for p, p0 in zip(params, rec["init"], strict=True):
+            p.copy_(p0)
+        b = LOOP["collate"](data, idx, *args)
+        nll = torch.nn.functional.cross_entropy(
+            model(b["input_ids"], b["attention_mask"], b["answer_pos"]).float(), b["labels"], reduction="none"
+        )
+    weight = torch.where(b["labels"] == 1, 18 / 6, 18 / 30)
+    assert Counter(b["labels"].tolist()) == {0: 15, 1: 3}
+    expected = float((weight * nll).sum() / weight.sum())
+    assert abs(expected - float(nll.mean())) > 1e-3  # the weighting changes this batch's loss
+    assert _metrics(tmp_path / "run")[0]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_class_weights_refuse_a_class_without_training_examples_and_a_bad_value(tiny_models, tiny_csv, tmp_path):
+    only_negative = _imbalanced_csv(tmp_path, positives=0)
+    cfg = _cfg(tiny_models, tiny_csv, f"dataset.train_file={only_negative}", "trainer.class_weights=balanced")
+    with pytest.raises(PtuneError, match="class 'positive' has no training example") as exc:
+        run_training(cfg, tmp_path / "run")
+    assert "\n" not in str(exc.value) and not (tmp_path / "run" / "results.json").exists()
+    r = ptune("train", *csv_overrides(tiny_models, tiny_csv), "trainer.class_weights=inverse", cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "trainer.class_weights='inverse' is not valid: use one of none, balanced" in r.stderr
