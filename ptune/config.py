@@ -124,6 +124,9 @@ class DatasetConfig:
     # Hold out part of the training data as the evaluation split (a fraction in (0, 1) or a count), drawn with a
     # fixed seed so every run and trial sees the same split; the eval split (dev) is then never read.
     validation: float | None = None
+    # Each class gives its share of the held-out examples (see ptune/data/selection.py hold_out); false: a plain
+    # random draw, as before this option (the measured sst2_ptv2 search of the README).
+    validation_stratify: bool = True
     path: str | None = None  # dataset=hf: a datasets name/Hub id, or a local folder of parquet/arrow/csv/json
     config_name: str | None = None  # dataset=hf: the datasets configuration (subset) name
 

@@ -112,6 +112,31 @@ def test_validation_holds_out_training_examples_and_never_reads_dev(tiny_models,
         load_train_dev(compose([*base, "dataset.validation=24"]), 0)
 
 
+def test_validation_is_stratified_by_class_unless_told_otherwise():
+    """CB's shape (115 / 119 / 16): the held-out part gets each class's share, rare classes included, and every
+    class keeps training examples; validation_stratify=false is the plain seeded draw."""
+    import random
+
+    from ptune.data.selection import VALIDATION_SEED, hold_out
+    from ptune.data.sources import Split
+
+    labels = [0] * 115 + [1] * 119 + [2] * 16
+    random.Random(5).shuffle(labels)
+    split = Split([{"text_a": str(i)} for i in range(250)], labels, ["e", "c", "n"], "cb-like")
+    counts = lambda s: [s.labels.count(c) for c in range(3)]  # noqa: E731
+    train, held = hold_out(split, 50)
+    assert counts(held) == [23, 24, 3] and counts(train) == [92, 95, 13]
+    assert counts(hold_out(split, 0.3)[1]) == [34, 36, 5]
+    assert sorted(e["text_a"] for e in train.examples + held.examples) == sorted(str(i) for i in range(250))
+    # a class of one example stays in training while others can give
+    tiny = Split([{"text_a": str(i)} for i in range(7)], [0, 0, 0, 0, 0, 0, 1], ["a", "b"], "tiny")
+    assert hold_out(tiny, 3)[0].labels.count(1) == 1
+    _, plain = hold_out(split, 50, stratify=False)
+    drawn = sorted(random.Random(VALIDATION_SEED).sample(range(250), 50))
+    assert [e["text_a"] for e in plain.examples] == [str(i) for i in drawn]
+    assert counts(plain) != counts(held)
+
+
 @pytest.mark.parametrize("value", ["1.5", "0", "-0.2", "true"])
 def test_bad_validation_values_are_refused_in_one_line(value, tiny_models, tiny_csv, tmp_path):
     res = ptune("train", *csv_overrides(tiny_models, tiny_csv), f"dataset.validation={value}", cwd=tmp_path)
