@@ -124,13 +124,13 @@ def test_validation_is_stratified_by_class_unless_told_otherwise():
     random.Random(5).shuffle(labels)
     split = Split([{"text_a": str(i)} for i in range(250)], labels, ["e", "c", "n"], "cb-like")
     counts = lambda s: [s.labels.count(c) for c in range(3)]  # noqa: E731
-    train, held = hold_out(split, 50)
+    train, held = hold_out(split, 50, stratify=True)
     assert counts(held) == [23, 24, 3] and counts(train) == [92, 95, 13]
-    assert counts(hold_out(split, 0.3)[1]) == [34, 36, 5]
+    assert counts(hold_out(split, 0.3, stratify=True)[1]) == [34, 36, 5]
     assert sorted(e["text_a"] for e in train.examples + held.examples) == sorted(str(i) for i in range(250))
     # a class of one example stays in training while others can give
     tiny = Split([{"text_a": str(i)} for i in range(7)], [0, 0, 0, 0, 0, 0, 1], ["a", "b"], "tiny")
-    assert hold_out(tiny, 3)[0].labels.count(1) == 1
+    assert hold_out(tiny, 3, stratify=True)[0].labels.count(1) == 1
     _, plain = hold_out(split, 50, stratify=False)
     drawn = sorted(random.Random(VALIDATION_SEED).sample(range(250), 50))
     assert [e["text_a"] for e in plain.examples] == [str(i) for i in drawn]

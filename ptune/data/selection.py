@@ -39,14 +39,14 @@ def subsample(split: Split, n: int | None, seed: int, key: str = "dataset.max_tr
 VALIDATION_SEED = 0  # one held-out split for every run and trial, whatever trainer.seed is
 
 
-def hold_out(split: Split, validation: float | int, stratify: bool = True) -> tuple[Split, Split]:
+def hold_out(split: Split, validation: float | int, stratify: bool) -> tuple[Split, Split]:
     """``dataset.validation``: (rest, held out), the held-out part a fraction (0 < v < 1) or a count (v >= 1) of the
     examples, drawn with ``random.Random(VALIDATION_SEED)``; both keep file order.
 
-    Stratified by default (``dataset.validation_stratify``): each class gives its share of the held-out examples
-    (largest remainders, and never its last training example), so a rare class is judged on as many examples as
-    its frequency allows. A plain random draw held out only 2 of CB's 16 neutral examples in 50, and a search
-    selecting on that split could not see whether a trial ever predicted the class."""
+    ``stratify`` (``dataset.validation_stratify``, on by default): each class gives its share of the held-out
+    examples (largest remainders, and never its last training example), so a rare class is judged on as many
+    examples as its frequency allows. A plain random draw held out only 2 of CB's 16 neutral examples in 50, and a
+    search selecting on that split could not see whether a trial ever predicted the class."""
     n_all = len(split.labels)
     n = round(validation * n_all) if validation < 1 else int(validation)
     if not 1 <= n < n_all:
@@ -94,7 +94,7 @@ def load_train_dev(cfg: DictConfig, seed: int) -> tuple[Split, Split]:
     max_eval = sample_limit(ds.get("max_eval_samples"), "dataset.max_eval_samples")
     train = load_split(ds, "train", root)
     if ds.get("validation") is not None:  # evaluate on held-out training examples: the eval split is never read
-        train, dev = hold_out(train, ds.validation, bool(ds.get("validation_stratify", True)))
+        train, dev = hold_out(train, ds.validation, ds.validation_stratify)
     else:
         dev = load_split(ds, str(ds.get("eval_split", "dev")), root)
     if ds.get("k_shot"):
