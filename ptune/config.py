@@ -252,6 +252,11 @@ class SearchConfig:
                     raise PtuneError(f"search.params.{key}: log=true needs low > 0 (got {lo!r})")
 
 
+# Keys whose default does not do what ptune did before the key existed: a resume state saved by that older ptune
+# lacks the key and is read as having this value (resume.check_same_config); every other added key is read at its
+# default. dataset.validation_stratify: hold-outs were plain random draws before it.
+BEHAVIOUR_BEFORE_KEY: dict[str, Any] = {"dataset.validation_stratify": False}
+
 SCHEMAS: dict[str, type] = {
     "backbone": BackboneConfig,
     "template": TemplateConfig,

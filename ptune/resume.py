@@ -8,6 +8,7 @@ The folder is built aside and swapped in, so a kill leaves either the previous s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -137,6 +138,25 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: value}
 
 
+def _keys_added_since(saved: dict[str, Any], now: dict[str, Any], method: str | None) -> dict[str, Any]:
+    """The keys a later ptune added to the schemas that a state's config lacks, at the value that does what the
+    older ptune did: the schema default, unless ``config.BEHAVIOUR_BEFORE_KEY`` says otherwise. Without this every
+    state saved before a release that added a key would be refused as "changed" by that key alone."""
+    from .config import BEHAVIOUR_BEFORE_KEY, SCHEMAS
+    from .tuners import METHODS
+
+    schemas = dict(SCHEMAS) | ({"method": METHODS[method].config_class} if method in METHODS else {})
+    defaults: dict[str, Any] = {}
+    for group, schema in schemas.items():
+        for f in dataclasses.fields(schema):
+            if f.default is not dataclasses.MISSING:
+                defaults |= _flatten(f.default, f"{group}.{f.name}.")
+            elif f.default_factory is not dataclasses.MISSING:
+                defaults |= _flatten(f.default_factory(), f"{group}.{f.name}.")
+    defaults |= BEHAVIOUR_BEFORE_KEY
+    return {k: defaults[k] for k in now.keys() - saved.keys() if k in defaults}
+
+
 def check_same_config(out_dir: Path, cfg: DictConfig) -> list[str]:
     """Refuse a resume whose settings differ from those the saved state was trained with (they would be silently
     ignored by the restored optimizer and schedule, or mix two set-ups in one run). Returns the resumable keys that
@@ -148,6 +168,7 @@ def check_same_config(out_dir: Path, cfg: DictConfig) -> list[str]:
         return []
     saved = _flatten(OmegaConf.to_container(load_plain_yaml(folder / CONFIG)))
     now = _flatten(OmegaConf.to_container(_comparable(cfg), resolve=True))
+    saved = _keys_added_since(saved, now, cfg.get("method", {}).get("name")) | saved
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k, "<unset>") != now.get(k, "<unset>"))
     refused = [k for k in changed if k not in RESUMABLE_KEYS]
     if refused:

@@ -14,6 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 import yaml
 from safetensors.torch import load_file
 
@@ -106,3 +107,41 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(tiny_models, tiny_csv, 
         (m["step"], m["loss"], m["accuracy"]) for m in resumed
     ]
     assert not (interrupted / "resume").exists(), "a finished run keeps no resumable state"
+
+
+def test_resume_reads_keys_a_later_release_added_at_what_the_old_release_did(tmp_path):
+    """A state saved before a key existed lacks it: read at its default (or, where the default changed what runs
+    do, at the old behaviour), not refused as a changed setting. Failed before: any added key refused the resume."""
+    from omegaconf import OmegaConf, open_dict
+
+    from ptune import resume
+    from ptune.config import compose as compose_with_hydra
+    from ptune.errors import PtuneError
+
+    def compose(overrides):  # the run's config, as train sees it: without Hydra's section
+        cfg = compose_with_hydra(overrides)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    cfg = compose(["+experiment=cb_ptv2", "dataset.validation=0.2"])
+    old = OmegaConf.to_container(resume._comparable(cfg))
+    del old["trainer"]["class_weights"], old["trainer"]["loggers"], old["dataset"]["validation_stratify"]
+    del old["method"]["dropout"]  # a method's own key: its tuner's config is the schema
+    (tmp_path / resume.STATE_DIR).mkdir()
+    (tmp_path / resume.STATE_DIR / resume.CONFIG).write_text(OmegaConf.to_yaml(old), encoding="utf-8")
+
+    # validation_stratify's default (stratified) is not what the old release did (a random draw): refused, and
+    # the line names the value that resumes the run as it was
+    with pytest.raises(PtuneError, match=r"dataset.validation_stratify=True \(saved False\)") as err:
+        resume.check_same_config(tmp_path, cfg)
+    assert "class_weights" not in str(err.value) and "loggers" not in str(err.value)
+    assert resume.check_same_config(tmp_path, compose([
+        "+experiment=cb_ptv2", "dataset.validation=0.2", "dataset.validation_stratify=false",
+    ])) == []
+    # an added key set away from its default is a real change
+    with pytest.raises(PtuneError, match=r"trainer.class_weights='balanced' \(saved 'none'\)"):
+        resume.check_same_config(tmp_path, compose([
+            "+experiment=cb_ptv2", "dataset.validation=0.2", "dataset.validation_stratify=false",
+            "trainer.class_weights=balanced",
+        ]))
