@@ -8,7 +8,6 @@ The folder is built aside and swapped in, so a kill leaves either the previous s
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import shutil
@@ -148,13 +147,10 @@ def _keys_added_since(saved: dict[str, Any], now: dict[str, Any], method: str | 
     schemas = dict(SCHEMAS) | ({"method": METHODS[method].config_class} if method in METHODS else {})
     defaults: dict[str, Any] = {}
     for group, schema in schemas.items():
-        for f in dataclasses.fields(schema):
-            if f.default is not dataclasses.MISSING:
-                defaults |= _flatten(f.default, f"{group}.{f.name}.")
-            elif f.default_factory is not dataclasses.MISSING:
-                defaults |= _flatten(f.default_factory(), f"{group}.{f.name}.")
+        defaults |= _flatten(OmegaConf.to_container(OmegaConf.structured(schema)), f"{group}.")
     defaults |= BEHAVIOUR_BEFORE_KEY
-    return {k: defaults[k] for k in now.keys() - saved.keys() if k in defaults}
+    # a required key ("???") has no value an older run could have had: left unset, so it is refused as before
+    return {k: defaults[k] for k in now.keys() - saved.keys() if defaults.get(k, "???") != "???"}
 
 
 def check_same_config(out_dir: Path, cfg: DictConfig) -> list[str]:
