@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import html
 import inspect
 import io
 import json
@@ -144,7 +145,8 @@ def render() -> str:
         parts.append("\n| key | type | default | description |\n|---|---|---|---|\n")
         for f in dataclasses.fields(schema):
             kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-            row = (f"`{prefix}.{f.name}`", f"`{_cell(kind)}`", _default(f), _cell(description(schema, f.name)))
+            kind = html.escape(kind).replace("|", "&#124;")  # a code span in a table cell cannot hold a pipe
+            row = (f"`{prefix}.{f.name}`", f"<code>{kind}</code>", _default(f), _cell(description(schema, f.name)))
             parts.append("| " + " | ".join(row) + " |\n")
     return "".join(parts)
 
