@@ -126,7 +126,7 @@ class DatasetConfig:
     # fixed seed so every run and trial sees the same split; the eval split (dev) is then never read.
     validation: float | None = None
     # Each class gives its share of the held-out examples (see ptune/data/selection.py hold_out); false: a plain
-    # random draw, as before this option (the measured sst2_ptv2 search of the README).
+    # random draw, as before this option (the measured sst2_ptv2 search, docs/results/search.md).
     validation_stratify: bool = True
     path: str | None = None  # dataset=hf: a datasets name/Hub id, or a local folder of parquet/arrow/csv/json
     config_name: str | None = None  # dataset=hf: the datasets configuration (subset) name
