@@ -148,6 +148,8 @@ class DatasetConfig:
 
 @dataclass
 class DataConfig:
+    """Where the built-in data sets' local files are (SST-2 and CB; INEWS comes from its pip package)."""
+
     root: str | None = None  # folder holding sst2/ and cb/ (default: $PTUNE_DATA)
 
 

@@ -74,12 +74,21 @@ def _comments(path: str) -> dict[int, tuple[str, bool]]:
     return out
 
 
+def _class_node(cls: type) -> ast.ClassDef:
+    tree = ast.parse(Path(inspect.getsourcefile(cls)).read_text(encoding="utf-8"))
+    return next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+
+
+def class_doc(cls: type) -> str:
+    """The first paragraph of the class's own docstring, on one line (not the signature dataclass makes up)."""
+    doc = ast.get_docstring(_class_node(cls)) or ""
+    return doc.split("\n\n")[0].replace("\n", " ")
+
+
 def _class_fields(cls: type) -> dict[str, str]:
     """Field name -> description, from the comments around the fields this class itself declares."""
-    path = inspect.getsourcefile(cls)
-    comments = _comments(path)
-    tree = ast.parse(Path(path).read_text(encoding="utf-8"))
-    node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+    comments = _comments(inspect.getsourcefile(cls))
+    node = _class_node(cls)
     out = {}
     for stmt in node.body:
         if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
@@ -128,8 +137,9 @@ def _cell(text: str) -> str:
 
 
 def missing_descriptions() -> list[str]:
-    """Every `group.key` of the schema without a description."""
-    return [
+    """Every `group.key` of the schema without a description, and every schema class without a docstring."""
+    out = [f"{prefix} ({schema.__name__}: its docstring)" for _, prefix, schema in groups() if not class_doc(schema)]
+    return out + [
         f"{prefix}.{f.name} ({schema.__name__})"
         for _, prefix, schema in groups()
         for f in dataclasses.fields(schema)
@@ -140,8 +150,7 @@ def missing_descriptions() -> list[str]:
 def render() -> str:
     parts = [HEADER]
     for heading, prefix, schema in groups():
-        doc = (inspect.getdoc(schema) or "").split("\n\n")[0].replace("\n", " ")
-        parts.append(f"\n## {heading}\n\n`{schema.__module__}.{schema.__name__}`: {doc}\n")
+        parts.append(f"\n## {heading}\n\n`{schema.__module__}.{schema.__name__}`: {class_doc(schema)}\n")
         parts.append("\n| key | type | default | description |\n|---|---|---|---|\n")
         for f in dataclasses.fields(schema):
             kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))

@@ -116,11 +116,19 @@ def test_the_generator_reads_descriptions_from_field_comments(gen):
     assert gen.description(_Probe, "continued") == "starts here | and goes on"
 
 
-def test_a_key_without_a_description_fails_the_check(gen, monkeypatch):
+@dataclass
+class _Bare:
+    key: int = 0  # described, but its class says nothing
+
+
+def test_a_key_or_a_group_without_a_description_fails_the_check(gen, monkeypatch):
     real = gen.groups
     monkeypatch.setattr(gen, "groups", lambda: [*real(), ("probe", "probe", _Probe)])
     assert gen.missing_descriptions() == ["probe.undocumented (_Probe)"]
     assert gen.main(["--check"]) == 1
+    monkeypatch.setattr(gen, "groups", lambda: [*real(), ("bare", "bare", _Bare)])
+    assert gen.missing_descriptions() == ["bare (_Bare: its docstring)"]  # not dataclass's made-up signature
+    assert gen.class_doc(_Probe) == "A schema as the generator reads it."
 
 
 # ---------------------------------------------------------------------------------------------- architecture
