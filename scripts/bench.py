@@ -153,7 +153,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "200 x 16), synthetic-soft (the same soft prompt on a random-weight Llama decoder of --shape: tinyllama = "
         "TinyLlama-1.1B's shape, 0.1b = SmolLM2-135M's, tiny = 2 layers of hidden 64; 100 x 16; accuracy n/a). "
         "PEFT's prefix tuning (minilm-ptv2) needs transformers < 5.24: `make bench-venv`, then --peft-python "
-        ".venv-bench/bin/python. Figures and details: this script's docstring and README.md, Benchmarks.",
+        ".venv-bench/bin/python. Figures and details: this script's docstring and docs/results/speed.md.",
     )
     p.add_argument("--setup", choices=sorted(SETUPS), default="minilm-ptv2")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides train (default cpu)")
@@ -742,7 +742,7 @@ def peft_hint(v: dict, error: str) -> str:
     return (
         f"bench: PEFT {v.get('peft')}'s prefix tuning does not run on transformers {v.get('transformers')} "
         f"({v['python']}: {error.strip()!r}); run the PEFT side with the bench extra's versions: `make bench-venv`, "
-        "then --peft-python .venv-bench/bin/python (README.md, Benchmarks)"
+        "then --peft-python .venv-bench/bin/python (docs/results/speed.md)"
     )
 
 

@@ -3,7 +3,7 @@
 
     python scripts/bench_memory.py --shapes 0.1B --batch 16 --length 128             # CPU: peak RSS
     python scripts/bench_memory.py --shapes 0.1B,1.1B,7B --device cuda --json out.jsonl  # GPU: max_memory_allocated
-    python scripts/bench_memory.py --table --from out.jsonl                          # the README table only
+    python scripts/bench_memory.py --table --from out.jsonl          # the table only (docs/results/memory.md)
 
 Synthetic Llama-shaped decoders with random weights, built from configs (``SHAPES``): shapes are real, numbers
 are not, so this measures memory (and step time), never accuracy. Each (shape, setting) runs in its own child

@@ -4,7 +4,7 @@ Trains the packaged MiniLM encoder (all 22.7M parameters) with the same mean-poo
 length and batch size as `+experiment=sst2_ptv2` (or `cb_ptv2` with --dataset cb), then prints dev accuracy,
 macro-F1 and per-class F1 after the last step and, with --eval-every, at every evaluation (the best of which is
 what a prompt run's kept checkpoint reports). SST-2, 600 steps (the reference protocol): 0.8693 on 2 cores in
-2 min 42 s. CB's figures: README, "Measured results".
+2 min 42 s. CB's figures: docs/results/accuracy.md.
 
     python scripts/full_finetune_reference.py --data-root ../shared/data --steps 600
     python scripts/full_finetune_reference.py --data-root ../shared/data --dataset cb --steps 300 --batch-size 16 \

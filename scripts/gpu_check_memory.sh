@@ -13,7 +13,7 @@
 #   b. the issue's targets: 7B shape, checkpointing + nf4, batch 16 x 128 tokens within 24 GB; 1.1B shape at
 #      batch 64, activation memory with checkpointing >= 3x lower.
 #   c. scripts/bench_memory.py on the 0.1B and 1.1B shapes (every setting), the rest of the 7B settings, and the
-#      README's table (table.md) from these CUDA measurements.
+#      docs/results/memory.md table (table.md) from these CUDA measurements.
 #   d. with 2+ GPUs only: trainer.shard_backbone=true under torchrun (NCCL) equals one process.
 set -uo pipefail
 cd "$(dirname "$0")/.."

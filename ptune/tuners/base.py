@@ -15,8 +15,8 @@ from ..errors import PtuneError
 class MethodConfig:
     """Base for per-method configs: built from the Hydra ``method`` group and validated on creation."""
 
-    name: str = ""
-    prompt_length: int = 0
+    name: str = ""  # the method's name in METHODS (ptune/tuners/__init__.py), set by method=NAME
+    prompt_length: int = 0  # trained prompt positions
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_length, int) or isinstance(self.prompt_length, bool):

@@ -10,9 +10,9 @@ class PrefixConfig(MethodConfig):
     """Li & Liang 2021: deep prefixes produced by an MLP from a small embedding (dropped after training)."""
 
     name: str = "prefix"
-    prompt_length: int = 20
+    prompt_length: int = 20  # key/value prefixes per attention layer
     prefix_projection: int = 512  # hidden size of the reparameterisation MLP
-    dropout: float = 0.0
+    dropout: float = 0.0  # dropout on the MLP's prefixes while training
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -15,12 +15,12 @@ class PTuningV1Config(MethodConfig):
     """
 
     name: str = "ptuning_v1"
-    prompt_length: int = 0
-    encoder: str = "lstm"
-    encoder_hidden: int = 0  # 0: the backbone's hidden size
-    init: str = "vocab"
-    init_text: str = ""
-    dropout: float = 0.0
+    prompt_length: int = 0  # virtual tokens prepended besides the template's own {soft} slots
+    encoder: str = "lstm"  # the prompt encoder: lstm (2-layer bi-LSTM, then an MLP) | mlp
+    encoder_hidden: int = 0  # the encoder's hidden size (0: the backbone's)
+    init: str = "vocab"  # the encoder's seed vectors: random | vocab | text | labels (as soft_prompt's init)
+    init_text: str = ""  # init=text: words whose embeddings seed the virtual tokens
+    dropout: float = 0.0  # dropout between the LSTM's two layers
 
     def __post_init__(self) -> None:
         super().__post_init__()
