@@ -43,7 +43,6 @@ SPACES = {
     "float log with step": ("params:\n  trainer.lr: {type: float, low: 0.01, high: 0.1, log: true, step: 0.01}\n",
                             "log=true"),
     "high infinite": ("params:\n  trainer.lr: {type: float, low: 0.01, high: .inf}\n", "high=inf"),
-    "low nan": ("params:\n  trainer.lr: {type: float, low: .nan, high: 0.1}\n", "low=nan"),
     "int with a fractional bound": ("params:\n  method.prompt_length: {type: int, low: 1.5, high: 4}\n", "low=1.5"),
     "unknown distribution key": ("params:\n  trainer.lr: {type: float, low: 0.01, high: 0.1, lgo: true}\n", "lgo"),
     "choices not a list": ("params:\n  method.prompt_length: {type: categorical, choices: 4}\n", "choices=4"),
@@ -120,6 +119,9 @@ def test_label_words_for_new_class_names_work_as_the_readme_documents(tiny_model
     assert code == 0, err
     saved = OmegaConf.load(run / ".hydra" / "config.yaml")
     assert OmegaConf.to_container(saved.template.label_words) == {"bad": ["awful"], "good": ["great"]}
+    code, out, err = run_cli(["show-template", *base, *documented], capsys)  # composed outside Hydra's main
+    assert code == 0, err
+    assert re.search(r"^  bad\s+'awful' -> ", out, re.M) and re.search(r"^  good\s+'great' -> ", out, re.M), out
     # the form the README printed before (delete, then add) works too
     old = ["dataset.label_names=[bad,good]", "~template.label_words", "+template.label_words={bad:[awful],good:[fine]}"]
     code, out, err = run_cli(["train", *base, *old, f"hydra.run.dir={tmp_path / 'run2'}"], capsys)
@@ -154,7 +156,7 @@ def generate_train(tiny_models, tiny_csv, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize(("readout", "metric", "valid"), [
     ("verbalizer", "rouge_l", "accuracy, macro_f1"), ("head", "bleu", "accuracy, macro_f1"),
-    ("generate", "macro_f1", "accuracy, rouge_l, bleu"), ("generate", "mcc", "accuracy, rouge_l, bleu"),
+    ("generate", "mcc", "accuracy, rouge_l, bleu"),
 ])
 def test_metric_the_readout_does_not_report_is_refused_before_the_run_folder(readout, metric, valid, tiny_models,
                                                                              tiny_csv, tmp_path, monkeypatch, capsys):
@@ -170,8 +172,14 @@ def test_metric_the_readout_does_not_report_is_refused_before_the_run_folder(rea
     assert listing(tmp_path) == before
 
 
-def test_generate_readout_trains_on_its_own_metric(tiny_models, tiny_csv, tmp_path, monkeypatch, capsys):
+def test_generate_readout_refuses_macro_f1_and_trains_on_its_own_metric(tiny_models, tiny_csv, tmp_path, monkeypatch,
+                                                                        capsys):
     monkeypatch.chdir(tmp_path)
+    before = listing(tmp_path)
+    code, out, err = run_cli(["train", *generate_train(tiny_models, tiny_csv, "trainer.metric=macro_f1")], capsys)
+    assert_one_line_error(code, out, err, "trainer.metric='macro_f1'")
+    assert "accuracy, rouge_l, bleu" in err
+    assert listing(tmp_path) == before
     code, out, err = run_cli(["train", *generate_train(tiny_models, tiny_csv, "trainer.metric=rouge_l")], capsys)
     assert code == 0, err
     assert "done: rouge_l" in out
@@ -253,17 +261,14 @@ def test_shell_completion_without_a_valid_action_is_one_line(case, tmp_path, mon
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("argv", [["-sc", "install=bash"], ["train", "-sc", "install=bash"]])
-def test_shell_completion_install_prints_the_script_for_ptune(argv, tmp_path, monkeypatch, capsys):
-    """`ptune -sc install=bash` printed the subcommand names, which `eval` would have run as a command."""
+def test_shell_completion_install_prints_the_script_for_ptune_and_query_completes(tmp_path, monkeypatch, capsys):
+    """`ptune -sc install=bash` printed the subcommand names, which `eval` would have run as a command; it now
+    prints what `ptune train -sc install=bash` does, and a query still completes."""
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_cli(argv, capsys)
-    assert code == 0, err
-    assert "complete -o nospace -o default -F hydra_bash_completion ptune" in out
-
-
-def test_shell_completion_query_still_completes(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
+    for argv in (["-sc", "install=bash"], ["train", "-sc", "install=bash"]):
+        code, out, err = run_cli(argv, capsys)
+        assert code == 0, err
+        assert "complete -o nospace -o default -F hydra_bash_completion ptune" in out, (argv, out)
     monkeypatch.setenv("COMP_LINE", "ptune tr")
     assert run_cli(["-sc", "query=bash"], capsys)[1].split() == ["train"]
     monkeypatch.setenv("COMP_LINE", "ptune train trainer.l")
