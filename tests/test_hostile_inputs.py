@@ -40,8 +40,8 @@ SPACES = {
                           "method.prompt_length"),
     "float step zero": ("params:\n  trainer.lr: {type: float, low: 0.01, high: 0.1, step: 0}\n", "step=0"),
     "float step negative": ("params:\n  trainer.lr: {type: float, low: 0.01, high: 0.1, step: -0.01}\n", "step=-0.01"),
-    "float log with step": ("params:\n  trainer.lr: {type: float, low: 0.01, high: 0.1, log: true, step: 0.01}\n",
-                            "log=true"),
+    "float log with step 1": ("params:\n  trainer.lr: {type: float, low: 0.01, high: 2, log: true, step: 1}\n",
+                              "log=true"),  # an int log space takes step 1; Optuna's float one takes no step
     "high infinite": ("params:\n  trainer.lr: {type: float, low: 0.01, high: .inf}\n", "high=inf"),
     "int with a fractional bound": ("params:\n  method.prompt_length: {type: int, low: 1.5, high: 4}\n", "low=1.5"),
     "unknown distribution key": ("params:\n  trainer.lr: {type: float, low: 0.01, high: 0.1, lgo: true}\n", "lgo"),
