@@ -107,9 +107,14 @@ def train_main(argv: list[str]) -> None:
     if argv[:1] == ["--resume"]:
         resume_run(argv[1:])
         return
+    searching = [a for a in argv if a.lstrip("+~").split("=", 1)[0] == "hparams_search" or a.startswith("search.")]
+    if searching:  # Hydra would compose the search space into the config and train one run, ignoring it
+        raise PtuneError(f"{searching[0]!r} configures a search, which `ptune train` does not run: use "
+                         f"`ptune search {' '.join(searching)} [overrides]`")
     from . import distributed
 
     argv = distributed.hydra_overrides(argv)  # under torchrun: one shared run folder, rank 0 writes
+    argv = config.label_words_overrides(argv)  # a dict of label words replaces the template's (Hydra would merge)
     multirun = any(a in ("-m", "--multirun") or a.lstrip("+") == "hydra.mode=MULTIRUN" for a in argv)
     folder: runfolder.RunFolder | None = None
     sweep_dir = pin_sweep_dir(argv) if multirun else None
@@ -205,6 +210,9 @@ def complete_main(argv: list[str]) -> None:
     import re
 
     line = os.environ.get("COMP_LINE", "")
+    if check_completion_args(argv[1:]) != "query":  # install/uninstall: Hydra prints the script for `ptune`
+        train_main(argv)
+        return
     words = line.split()
     if len(words) < 2 or (len(words) == 2 and not line[-1:].isspace()):
         typed = words[1] if len(words) == 2 else ""
@@ -217,6 +225,29 @@ def complete_main(argv: list[str]) -> None:
         train_main(argv)
     # the schemas live in the config groups (each group file starts from one) but are not choices of their own
     print(" ".join(w for w in hydra_says.getvalue().split() if not w.endswith("_schema")))
+
+
+COMPLETION_SHELLS = ("bash", "zsh", "fish")  # Hydra's completion plugins
+COMPLETION_ACTIONS = ("install", "uninstall", "query")
+
+
+def check_completion_args(args: list[str]) -> str:
+    """The action of ``-sc ACTION=SHELL`` (install, uninstall or query), checked before Hydra sees it: Hydra
+    raises a ValueError (a traceback) for none or several, an unknown shell, or a query without COMP_LINE, which
+    only the installed completion function sets."""
+    actions = [(k, v) for k, eq, v in map(lambda a: a.partition("="), args) if eq and k in COMPLETION_ACTIONS]
+    other = [a for a in args if a.partition("=")[0] not in COMPLETION_ACTIONS or "=" not in a]
+    usage = f"use one of install=SHELL, uninstall=SHELL, query=SHELL with SHELL one of {', '.join(COMPLETION_SHELLS)}"
+    if len(actions) != 1 or other:
+        shown = repr(" ".join(args)) if args else "no action"
+        raise PtuneError(f"shell completion (-sc) got {shown}: {usage}, e.g. eval \"$(ptune train -sc install=bash)\"")
+    action, shell = actions[0]
+    if shell not in COMPLETION_SHELLS:
+        raise PtuneError(f"-sc {action}={shell!r}: no completion for that shell: {usage}")
+    if action == "query" and not os.environ.get("COMP_LINE", "").strip():
+        raise PtuneError("-sc query=... completes the line in COMP_LINE, which is not set: the shell function that "
+                         "`eval \"$(ptune train -sc install=bash)\"` installs runs it on <TAB>")
+    return action
 
 
 def _lazy(module: str, function: str):
@@ -269,7 +300,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ptune {__version__}")
         raise SystemExit(0)
     if argv[:1] in (["-sc"], ["--shell-completion"]):
-        complete_main(argv)
+        try:
+            complete_main(argv)
+        except PtuneError as exc:
+            fail(str(exc))
         return
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
@@ -279,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"unknown command {command!r}: use one of {', '.join(COMMANDS)}")
     _quiet()
     try:
+        flags = ("-sc", "--shell-completion")
+        if command == "train" and any(a in flags for a in rest):  # Hydra reads every other word as its action
+            check_completion_args([a for a in rest if a not in flags])
         COMMANDS[command][0](rest)
     except PtuneError as exc:
         fail(str(exc))

@@ -242,17 +242,51 @@ class SearchConfig:
         _integer("search", "seed", self.seed, 0, 2**32 - 1)
         _choice("search", "direction", self.direction, ("maximize", "minimize"))
         _choice("search", "resume", self.resume, (True, False))
+        if not isinstance(self.params, dict):
+            raise PtuneError(
+                f"search.params must map override keys to distributions, e.g. {{trainer.lr: {{type: float, low: "
+                f"0.001, high: 0.1, log: true}}}}; got a {type(self.params).__name__}"
+            )
         for key, spec in self.params.items():
-            kind = spec.get("type") if isinstance(spec, dict) else None
-            _choice(f"search.params.{key}", "type", kind, ("float", "int", "categorical"))
-            if kind == "categorical" and not spec.get("choices"):
-                raise PtuneError(f"search.params.{key}.choices is empty: list the values to try")
-            if kind != "categorical":
-                lo, hi = spec.get("low"), spec.get("high")
-                if not (isinstance(lo, int | float) and isinstance(hi, int | float) and lo < hi):
-                    raise PtuneError(f"search.params.{key}: low={lo!r} and high={hi!r} must be numbers with low < high")
-                if spec.get("log") and lo <= 0:
-                    raise PtuneError(f"search.params.{key}: log=true needs low > 0 (got {lo!r})")
+            _search_param(f"search.params.{key}", spec)
+
+
+SEARCH_PARAM_KEYS = {"categorical": ("type", "choices"), "int": ("type", "low", "high", "log", "step"),
+                     "float": ("type", "low", "high", "log", "step")}
+
+
+def _search_param(name: str, spec: Any) -> None:
+    """One search distribution, checked as Optuna's Int/Float/CategoricalDistribution would take it, so that a bad
+    space is refused in one line before the search writes anything (Optuna's own ValueError is a traceback)."""
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    _choice(name, "type", kind, tuple(SEARCH_PARAM_KEYS))
+    unknown = sorted(set(spec) - set(SEARCH_PARAM_KEYS[kind]))
+    if unknown:
+        raise PtuneError(f"{name}.{unknown[0]} is not a {kind} option: valid are {', '.join(SEARCH_PARAM_KEYS[kind])}")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise PtuneError(f"{name}.choices={choices!r} must be a non-empty list of the values to try")
+        bad = [c for c in choices if c is not None and not isinstance(c, bool | int | float | str)]
+        if bad:
+            raise PtuneError(f"{name}.choices: {bad[0]!r} is not a number, string, boolean or null")
+        return
+    number = int if kind == "int" else int | float
+    lo, hi, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
+    ok = all(isinstance(v, number) and not isinstance(v, bool) and math.isfinite(v) for v in (lo, hi))
+    if not (ok and lo < hi):
+        what = "integers" if kind == "int" else "numbers"
+        raise PtuneError(f"{name}: low={lo!r} and high={hi!r} must be finite {what} with low < high")
+    _choice(name, "log", log, (True, False))
+    if log and lo <= 0:
+        raise PtuneError(f"{name}: log=true needs low > 0 (got {lo!r})")
+    if step is not None:
+        if not (isinstance(step, number) and not isinstance(step, bool) and math.isfinite(step) and step > 0):
+            raise PtuneError(f"{name}.step={step!r} must be a {'positive integer' if kind == 'int' else 'number > 0'}, "
+                             "or left out")
+        if log and (kind == "float" or step != 1):
+            raise PtuneError(f"{name}: log=true samples on a log scale and takes no step (got step={step!r}): "
+                             "drop one of them")
 
 
 # Keys whose default does not do what ptune did before the key existed: a resume state saved by that older ptune
@@ -284,7 +318,32 @@ def compose(overrides: list[str]):
 
     register()
     with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        return hydra_compose(config_name="config", overrides=label_words_overrides(overrides),
+                             return_hydra_config=True)
+
+
+LABEL_WORDS = "template.label_words"
+
+
+def label_words_overrides(overrides: list[str]) -> list[str]:
+    """Make ``template.label_words={bad:[awful],good:[great]}`` replace the template's label words wholesale.
+
+    Hydra merges a dict override into the dict it overrides, so the template's own classes stayed and new class
+    names were refused (the composed config is in struct mode); ``~template.label_words`` cannot delete a schema
+    field either. A dict given to ``template.label_words`` (or ``+template.label_words``) therefore becomes
+    ``template.label_words=???`` (the words cleared) then ``++template.label_words=<dict>`` (set into the cleared
+    node, new keys allowed), and ``~template.label_words`` becomes ``template.label_words=null``. ``++`` and
+    single-class overrides (``template.label_words.positive=[fine]``) keep Hydra's merge. Idempotent."""
+    out: list[str] = []
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if key == f"~{LABEL_WORDS}":
+            out.append(f"{LABEL_WORDS}=null")
+        elif key in (LABEL_WORDS, f"+{LABEL_WORDS}") and eq and value.lstrip().startswith("{"):
+            out += [f"{LABEL_WORDS}=???", f"++{LABEL_WORDS}={value}"]
+        else:
+            out.append(item)
+    return out
 
 
 def register() -> None:
@@ -304,11 +363,15 @@ def register() -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check every group's values (ranges, choices, unknown keys) before a run writes anything."""
+    from .metrics import selectable
     from .tuners import method_config
 
-    for group in SCHEMAS:
-        section(cfg, group)
+    checked = {group: section(cfg, group) for group in SCHEMAS}
     method_config(OmegaConf.to_container(cfg.method, resolve=True))
+    readout, metric = checked["template"].readout, checked["trainer"].metric
+    if metric not in selectable(readout):  # else a KeyError at the first evaluation, with metrics.jsonl written
+        raise PtuneError(f"trainer.metric={metric!r} is not reported by template.readout={readout}: use one of "
+                         f"{', '.join(selectable(readout))}")
 
 
 def section(cfg: DictConfig, group: str, schema: type | None = None) -> Any:

@@ -51,6 +51,21 @@ def storage_url(folder: Path) -> str:
     return f"sqlite:///{Path(folder).resolve() / DB}"
 
 
+def sampler_seed(seed: int, trials: int) -> int:
+    """The TPE sampler's seed for a study that already holds ``trials`` trials: ``search.seed`` for a new study,
+    else a seed drawn from (seed, trials). Optuna keeps no sampler state in the study, so a resumed search seeded
+    with ``search.seed`` again replayed the random draws of trial 0 onwards (its first new trial repeated trial 0's
+    parameters). Pickling the sampler into the folder would continue the stream exactly, but loading a pickle from
+    a folder runs whatever it holds (ptune refuses pickles in checkpoints for that reason) and breaks across Optuna
+    versions; seeding from the trial count is deterministic (a folder resumed twice from the same state asks the
+    same values), never reuses the first stream, and TPE rebuilds its model from the study's trials anyway."""
+    if trials == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, trials]).generate_state(1)[0])
+
+
 def distributions(params: dict[str, Any]) -> dict:
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
@@ -102,7 +117,10 @@ def _from_file(path: Path, overrides: list[str]) -> config.SearchConfig:
 
     if not path.is_file():
         raise PtuneError(f"hparams_search={str(path)!r}: no such file")
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as exc:  # noqa: BLE001 - yaml's parser and OmegaConf raise many types
+        raise PtuneError(f"hparams_search={str(path)!r} is not valid YAML: {one_line(exc)}") from None
     if not isinstance(raw, dict):
         raise PtuneError(f"hparams_search={str(path)!r} is not a mapping of search options")
     raw.pop("defaults", None)
@@ -189,18 +207,19 @@ def run_search(folder: Path, name: str, spec: config.SearchConfig, user: list[st
     from .train import run_training
 
     compose_trial(trial_overrides(spec, user, _first_values(spec)))  # every key and value checked first
+    dists = distributions(spec.params)
     runfolder.check_writable(folder)
     runfolder.acquire(folder)  # one search per folder
     saved = {"name": name, "search": {**dataclasses.asdict(spec), "dir": str(folder)},
              "overrides": user}
     atomic_write_text(folder / SAVED, OmegaConf.to_yaml(OmegaConf.create(saved)))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.n_startup_trials)
     study = optuna.create_study(storage=storage_url(folder), study_name=STUDY, direction=spec.direction,
-                                sampler=sampler, load_if_exists=True)
+                                load_if_exists=True)
+    seed = sampler_seed(spec.seed, len(study.get_trials(deepcopy=False)))
+    study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.n_startup_trials)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # left by a killed search
         study.tell(t.number, state=TrialState.FAIL)
-    dists = distributions(spec.params)
     done = lambda: len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)))  # noqa: E731
     if done():
         print(f"ptune search: continuing {folder} ({done()} of {spec.n_trials} trials finished)", flush=True)

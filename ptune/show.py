@@ -2,8 +2,9 @@
 
 Soft positions print as ``<soft:i>`` (i = index of the prompt vector), the answer slot as ``[[MASK]]`` (MLM, the
 mask token itself), ``<answer>`` after the position whose next-token logits are read (causal LM), or a
-decoder note (seq2seq); a linear head says so. Then the truncation count per example and the token ids of
-every class's label words. ``describe`` returns the text, so it is testable without the console.
+decoder note (seq2seq); a linear head says so, a generate readout shows each example's target text. Then the
+truncation count per example and the token ids of every class's label words (a generate readout: where its
+targets come from and how it decodes). ``describe`` returns the text, so it is testable without the console.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def describe(task, examples: list[dict[str, str]], labels: list[int], n: int = D
         "drop": "the decoder's first step",
         "none": "a linear head on the pooled encoder output",
     }[r.answer_mode]
+    gen = generate_readout(task)
+    if gen is not None:
+        where = "the text the backbone writes " + ("at <answer>" if r.answer_mode == "end" else "from the decoder")
     if task.verbalizer is not None and task.verbalizer.multi_token == "full":
         where = "the log-likelihood of each label word's tokens " + (
             "written after <answer>" if r.answer_mode == "end" else "fed to the decoder"
@@ -78,7 +82,18 @@ def describe(task, examples: list[dict[str, str]], labels: list[int], n: int = D
             f"truncated {rend.truncated} tokens"
         )
         lines.append("  " + render_tokens(task, rend.input_ids, rend.answer_pos))
+        if gen is not None:
+            lines.append(f"  target {gen.target_text(ex, lab)!r}")
     lines.append("")
+    if gen is not None:
+        s = gen.settings
+        source = (f"the field {gen.target!r} of each example" if gen.target is not None
+                  else "each class's first label word (" + ", ".join(
+                      f"{n} -> {gen.label_words[n][0]!r}" for n in task.label_names) + ")")
+        lines.append(f"readout: generate (no head, no label-word scores): the target text is {source}; "
+                     f"decoding {s['strategy']}" + (f" ({s['num_beams']} beams)" if s["strategy"] == "beam" else "")
+                     + f", at most {gen.max_target_length} tokens")
+        return "\n".join(lines) + "\n"
     v = task.verbalizer
     if v is None:
         lines.append(f"readout: linear head over {len(task.label_names)} classes (no label words)")
@@ -94,6 +109,13 @@ def describe(task, examples: list[dict[str, str]], labels: list[int], n: int = D
             parts.append(f"{word!r} -> {ids} {shown}")
         lines.append(f"  {name:<{width}}  " + "; ".join(parts))
     return "\n".join(lines) + "\n"
+
+
+def generate_readout(task):
+    """The task's TargetReadout (template.readout=generate), or None for a verbalizer or a linear head."""
+    from .generation import is_generative
+
+    return task.model.readout if is_generative(task.model) else None
 
 
 def split_args(argv: list[str]) -> tuple[int, list[str]]:

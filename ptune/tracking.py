@@ -4,8 +4,9 @@ The loop calls one object, ``Tracker``: ``step`` (loss and lr of each optimizer 
 metrics of each evaluation), ``finish`` (the results and the checkpoint) and ``close``. Whatever loggers are on,
 every run folder gets ``curves.png`` (loss and eval metric against step) at the end.
 
-- ``csv``: ``train_log.csv`` in the run folder (step, loss, lr); a resumed run drops the rows past its resume
-  step before appending, so the file holds each step once.
+- ``csv``: ``train_log.csv`` in the run folder (step, loss, lr), written at each evaluation and before each resume
+  save (``flush``); a resumed run drops the rows past its resume step before appending, so the file holds each
+  step once.
 - ``tensorboard``: ``<run folder>/tensorboard/`` (``trainer.tensorboard=true`` is the same switch, kept).
 - ``mlflow``: one MLflow run per ptune run, through ``MlflowClient`` (no global active run, so in-process search
   trials do not interfere): params (the resolved config, flattened), ``train/loss`` and ``train/lr`` per step,
@@ -144,6 +145,16 @@ class Tracker:
         self._flush_mlflow()
         self._write_csv()
 
+    def flush(self) -> None:
+        """Write out every step logged so far; the loop calls it before each resume save. A killed run loses what
+        was logged after its last flush and resumes from its last save, so flushing at every save (not only at
+        evaluations) keeps every step the resume state holds in train_log.csv, TensorBoard and MLflow; a flush per
+        step would rewrite train_log.csv whole at every step (quadratic in the run's length)."""
+        self._write_csv()
+        if self._tb is not None:
+            self._tb.flush()
+        self._flush_mlflow()
+
     def finish(self, results: dict, history: list[dict]) -> None:
         plot_curves(self.out_dir / "curves.png", self._all_steps(), history, self.metric)
         self._write_csv()
@@ -214,6 +225,9 @@ class NullTracker:
         pass
 
     def evaluation(self, *args) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def finish(self, *args) -> None:

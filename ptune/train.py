@@ -65,6 +65,7 @@ def run_training(cfg: DictConfig, out_dir: Path) -> dict:
                 if evaluate_and_keep_best(run, loop, loss):
                     break
             if tr.save_every and loop.step % tr.save_every == 0 and loop.step < tr.max_steps and d.is_main:
+                run.tracker.flush()  # the logs hold every step the resume state holds (a kill loses neither)
                 resume.save_state(out_dir, run.model, run.opt, run.sched, run.scaler, run.rng, loop, cfg)
     finally:
         run.close()
