@@ -127,11 +127,12 @@ class Run:
         return load(self.path, overrides, device=device)
 
 
-def train(overrides: Overrides = None) -> Run:
+def train(overrides: Overrides = None, *, resume: str | Path | None = None) -> Run:
     """``ptune train OVERRIDES`` (one run): compose and check the config, check the run folder, train, write the run
     folder (``.hydra/config.yaml`` and ``overrides.yaml``, checkpoint, results.json), return it. A user error raises
     PtuneError; a run that fails before saving a checkpoint leaves nothing behind. ``hydra.run.dir=DIR`` names the
-    folder (default ``outputs/runs/<experiment_name>/<time>`` under the current folder, as the CLI)."""
+    folder (default ``outputs/runs/<experiment_name>/<time>`` under the current folder, as the CLI).
+    ``resume=RUN_DIR`` is ``ptune train --resume RUN_DIR``: a killed run continued with the config it started with."""
     from omegaconf import OmegaConf
 
     from . import cli, distributed
@@ -140,6 +141,14 @@ def train(overrides: Overrides = None) -> Run:
     from .train import run_training
 
     argv = as_overrides(overrides)
+    if resume is not None:
+        if argv:
+            raise PtuneError(f"resume={str(resume)!r} continues a run with the config it started with: give no "
+                             f"overrides (got {' '.join(argv)})")
+        with _folders_released():
+            results = cli.resume_run([str(resume)])
+        path = Path(resume)
+        return Run(path, results, results["metric"], results["best_metric"], path / "checkpoint")
     flags = [a for a in argv if a.startswith("-")]
     if flags:
         raise PtuneError(f"{flags[0]!r} is a command-line flag: ptune.train runs one run from 'key=value' overrides "

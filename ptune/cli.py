@@ -30,17 +30,18 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore")  # torchao's and torch's import-time log lines are quieted in ptune/__init__
 
 
-def resume_run(argv: list[str]) -> None:
-    """`ptune train --resume RUN_DIR`: continue a killed run in place with the config it started with."""
+def resume_run(argv: list[str]) -> dict:
+    """`ptune train --resume RUN_DIR` (and ``ptune.train(resume=RUN_DIR)``): continue a killed run in place with the
+    config it started with; returns its results."""
     from .checkpoint import load_plain_yaml
     from .train import run_training
 
     if len(argv) != 1:
-        fail("usage: ptune train --resume RUN_DIR")
+        raise PtuneError("usage: ptune train --resume RUN_DIR")
     run = Path(argv[0])
     saved = run / ".hydra" / "config.yaml"
     if not saved.is_file():
-        fail(f"{str(run)!r} is not a ptune run folder (no .hydra/config.yaml)")
+        raise PtuneError(f"{str(run)!r} is not a ptune run folder (no .hydra/config.yaml)")
     cfg = load_plain_yaml(saved, interpolation=True)
     cfg.trainer.resume = True
     folder = runfolder.RunFolder.survey(run)
@@ -50,6 +51,7 @@ def resume_run(argv: list[str]) -> None:
         folder.undo()
         raise
     print(f"done: {results['metric']} {results['best_metric']:.4f} (step {results['best_step']}); run folder {run}")
+    return results
 
 
 def _pin(argv: list[str], key: str, value: str) -> list[str]:

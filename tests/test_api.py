@@ -193,3 +193,37 @@ def test_progress_is_a_tqdm_bar_in_a_notebook(monkeypatch, capsys):
     out = capsys.readouterr()
     assert "eval step 4" in out.out and "step 4: loss" not in out.out  # the bar shows the step, not a log line
     assert progress.SilentReporter().bar is None
+
+
+def test_an_interrupted_run_resumes(tiny_models, data, tmp_path, monkeypatch, capsys):
+    """A KeyboardInterrupt (a notebook's stop button) reaches the caller, the folder's lock is released and its
+    resume state kept; ptune.train(resume=RUN) continues it as `ptune train --resume RUN` does."""
+    import importlib
+
+    loop = importlib.import_module("ptune.train")
+    evaluate_and_keep_best = loop.evaluate_and_keep_best
+
+    def stopped_at_step_4(run, state, loss):
+        if state.step == 4:
+            raise KeyboardInterrupt
+        return evaluate_and_keep_best(run, state, loss)
+
+    folder = tmp_path / "run"
+    monkeypatch.setattr(loop, "evaluate_and_keep_best", stopped_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        ptune.train({**tiny(tiny_models, data), "trainer.max_steps": 4, "trainer.save_every": 2,
+                     "hydra.run.dir": folder})
+    assert (folder / "resume").is_dir() and not (folder / "results.json").exists()
+    assert_unlocked(folder)
+    monkeypatch.undo()
+    with pytest.raises(PtuneError, match="continues a run with the config it started with"):
+        ptune.train({"trainer.lr": 0.5}, resume=folder)
+    capsys.readouterr()
+    done = ptune.train(resume=folder)
+    assert "resuming from step 2" in capsys.readouterr().out
+    assert done.results["steps"] == 4 and done.path == folder and (folder / "results.json").is_file()
+    assert_unlocked(folder)
+    with pytest.raises(PtuneError, match="is finished"):
+        ptune.train(resume=folder)
+    with pytest.raises(PtuneError, match="not a ptune run folder"):
+        ptune.train(resume=tmp_path)
