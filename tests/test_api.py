@@ -227,3 +227,19 @@ def test_an_interrupted_run_resumes(tiny_models, data, tmp_path, monkeypatch, ca
         ptune.train(resume=folder)
     with pytest.raises(PtuneError, match="not a ptune run folder"):
         ptune.train(resume=tmp_path)
+
+
+def test_a_generate_readout_predicts_text_as_the_cli(tiny_models, data, tmp_path, capsys):
+    gen = {**tiny(tiny_models, data), "backbone.name": tiny_models["gpt2"], "method": "soft_prompt",
+           "template.readout": "generate", "template.text": "{text_a} It was {mask}", "template.max_target_length": 4,
+           "trainer.metric": "rouge_l", "hydra.run.dir": tmp_path / "gen"}
+    run = ptune.train(gen)
+    assert run.metric == "rouge_l" and "rouge_l" in run.results["metrics"]
+    texts = ["a gorgeous movie", "boring"]
+    rows = run.load().predict(texts)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text_a": t}) + "\n" for t in texts))
+    code, out, err = run_cli(["predict", str(run.path), "--input", str(src), "--generate"], capsys)
+    assert code == 0, err
+    assert rows == [json.loads(line) for line in out.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1] and all(isinstance(r["text"], str) for r in rows)
