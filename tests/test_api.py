@@ -164,14 +164,20 @@ def test_override_values_are_written_in_hydras_grammar():
 
 
 def test_the_api_is_at_top_level_without_importing_torch():
-    """`import ptune` (every CLI command) stays light; ptune.train is the API and still the training loop's module."""
+    """`import ptune` (every CLI command) stays light; ptune.train and ptune.search are the API and still the modules
+    of the training loop and the search, whichever is imported first."""
     code = ("import sys, ptune; assert 'torch' not in sys.modules and 'hydra' not in sys.modules; "
-            "from ptune.train import run_training; import ptune.train as T; from ptune import train; "
-            "assert callable(ptune.train) and callable(ptune.search) and T is train and T.run_training is run_training;"
-            "assert ptune.load.__module__ == 'ptune.api' and ptune.PtuneError.__module__ == 'ptune.errors'")
+            "import ptune.search as S; from ptune import search; from ptune.search import search_main; "
+            "assert callable(ptune.search) and S is search is ptune.search and S.search_main is search_main; "
+            "assert ptune.load.__module__ == 'ptune.api' and ptune.PtuneError.__module__ == 'ptune.errors'; "
+            "assert 'torch' not in sys.modules")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert res.returncode == 0, res.stderr[-2000:]
+    import ptune.train as loop
+    from ptune.train import run_training
+
+    assert callable(ptune.train) and loop is ptune.train and loop.run_training is run_training
     with pytest.raises(AttributeError):
         ptune.no_such_name  # noqa: B018
 
