@@ -154,7 +154,9 @@ def train(overrides: Overrides = None, *, resume: str | Path | None = None) -> R
         raise PtuneError(f"{flags[0]!r} is a command-line flag: ptune.train runs one run from 'key=value' overrides "
                          "(a sweep: call it in a loop, or `ptune train -m` in a shell)")
     cli.refuse_search_overrides(argv)
-    argv = distributed.hydra_overrides(argv)
+    if distributed.env_world_size() > 1:  # the CLI shares one run folder between ranks (distributed.hydra_overrides)
+        raise PtuneError("ptune.train runs in one process: under torchrun, start `ptune train OVERRIDES` (or "
+                         "`python -m ptune train OVERRIDES`)")
     composed = cli.compose_run(argv)
     with _folders_released():
         folder = cli.preflight(composed)

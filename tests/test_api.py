@@ -119,6 +119,14 @@ def test_a_run_folder_in_use_or_holding_a_run_is_refused(run, tiny_models, data)
         ptune.train("trainer.lr=0.1")
 
 
+def test_train_under_torchrun_is_refused(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(PtuneError, match="under torchrun"):
+        ptune.train(["trainer.max_steps=2"])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_load_and_predict_errors_are_ptune_errors(run, tmp_path):
     with pytest.raises(PtuneError, match="no checkpoint"):
         ptune.load(tmp_path)
