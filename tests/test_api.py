@@ -132,6 +132,11 @@ def test_load_and_predict_errors_are_ptune_errors(run, tmp_path):
         ptune.load(tmp_path)
     with pytest.raises(PtuneError, match="no field 'text_a'"):
         ptune.load(run.path).predict([{"title": "x"}])
+    with pytest.raises(PtuneError, match="not a shipped search space"):
+        ptune.search(["+hparams_search=nope"])
+    with pytest.raises(PtuneError, match="nothing to resume"):
+        ptune.search(resume=tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_search_runs_two_tiny_trials(tiny_models, data, tmp_path, monkeypatch):
