@@ -30,17 +30,18 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore")  # torchao's and torch's import-time log lines are quieted in ptune/__init__
 
 
-def resume_run(argv: list[str]) -> None:
-    """`ptune train --resume RUN_DIR`: continue a killed run in place with the config it started with."""
+def resume_run(argv: list[str]) -> dict:
+    """`ptune train --resume RUN_DIR` (and ``ptune.train(resume=RUN_DIR)``): continue a killed run in place with the
+    config it started with; returns its results."""
     from .checkpoint import load_plain_yaml
     from .train import run_training
 
     if len(argv) != 1:
-        fail("usage: ptune train --resume RUN_DIR")
+        raise PtuneError("usage: ptune train --resume RUN_DIR")
     run = Path(argv[0])
     saved = run / ".hydra" / "config.yaml"
     if not saved.is_file():
-        fail(f"{str(run)!r} is not a ptune run folder (no .hydra/config.yaml)")
+        raise PtuneError(f"{str(run)!r} is not a ptune run folder (no .hydra/config.yaml)")
     cfg = load_plain_yaml(saved, interpolation=True)
     cfg.trainer.resume = True
     folder = runfolder.RunFolder.survey(run)
@@ -50,6 +51,7 @@ def resume_run(argv: list[str]) -> None:
         folder.undo()
         raise
     print(f"done: {results['metric']} {results['best_metric']:.4f} (step {results['best_step']}); run folder {run}")
+    return results
 
 
 def _pin(argv: list[str], key: str, value: str) -> list[str]:
@@ -99,6 +101,26 @@ def pin_sweep_dir(argv: list[str]) -> str | None:
         return None
 
 
+def refuse_search_overrides(argv: list[str]) -> None:
+    """Search keys on a training command: Hydra would compose the search space into the config and train one run,
+    ignoring it."""
+    searching = [a for a in argv if a.lstrip("+~").split("=", 1)[0] == "hparams_search" or a.startswith("search.")]
+    if searching:
+        raise PtuneError(f"{searching[0]!r} configures a search, which `ptune train` does not run: use "
+                         f"`ptune search {' '.join(searching)} [overrides]`")
+
+
+def compose_run(argv: list[str]):
+    """A single run's config, composed as Hydra will and with every group's values checked, before anything is
+    written (``ptune train`` and ``ptune.train``); a bad override is one line."""
+    try:
+        composed = compose(argv)
+    except Exception as exc:  # noqa: BLE001 - Hydra raises many types for bad overrides
+        raise PtuneError(config.explain_composition_error(exc)) from None
+    config.validate(composed)
+    return composed
+
+
 def train_main(argv: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -107,10 +129,7 @@ def train_main(argv: list[str]) -> None:
     if argv[:1] == ["--resume"]:
         resume_run(argv[1:])
         return
-    searching = [a for a in argv if a.lstrip("+~").split("=", 1)[0] == "hparams_search" or a.startswith("search.")]
-    if searching:  # Hydra would compose the search space into the config and train one run, ignoring it
-        raise PtuneError(f"{searching[0]!r} configures a search, which `ptune train` does not run: use "
-                         f"`ptune search {' '.join(searching)} [overrides]`")
+    refuse_search_overrides(argv)
     from . import distributed
 
     argv = distributed.hydra_overrides(argv)  # under torchrun: one shared run folder, rank 0 writes
@@ -121,11 +140,7 @@ def train_main(argv: list[str]) -> None:
     if sweep_dir is not None:
         argv = _pin(argv, "hydra.sweep.dir", sweep_dir)
     if not multirun and not any(a.startswith("-") for a in argv):
-        try:
-            composed = compose(argv)
-        except Exception as exc:  # noqa: BLE001 - Hydra raises many types for bad overrides
-            fail(config.explain_composition_error(exc))
-        config.validate(composed)  # every group's values, before anything is written
+        composed = compose_run(argv)
         if os.environ.get("RANK", "0") == "0":
             folder = preflight(composed)
             argv = _pin(argv, "hydra.run.dir", str(folder.path))
@@ -186,16 +201,13 @@ def eval_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     paths = [p for p in args.paths if "=" not in p]
     overrides = [p for p in args.paths if "=" in p]
-    # dataset.split=NAME picks the split to evaluate (the config's dataset.eval_split)
-    overrides = [o.replace("dataset.split=", "dataset.eval_split=", 1) if o.startswith("dataset.split=") else o
-                 for o in overrides]
     if not paths:
         fail("ptune eval needs at least one checkpoint path")
-    from .inference import evaluate_checkpoint, print_eval_table
+    from .inference import eval_overrides, evaluate_checkpoint, print_eval_table
 
     rows = []
     for p in paths:
-        rows.append(evaluate_checkpoint(p, overrides))
+        rows.append(evaluate_checkpoint(p, eval_overrides(overrides)))
     print_eval_table(rows)
 
 

@@ -121,6 +121,13 @@ def prepare_evaluation(path: str | Path, overrides: list[str]) -> EvalSetup:
     return EvalSetup(task, cfg, ckpt, split_name, split, device, amp)
 
 
+def eval_overrides(overrides: list[str]) -> list[str]:
+    """``dataset.split=NAME`` picks the split to evaluate (the config's ``dataset.eval_split``): ``ptune eval`` and
+    ``Predictor.evaluate`` take it."""
+    return [o.replace("dataset.split=", "dataset.eval_split=", 1) if o.startswith("dataset.split=") else o
+            for o in overrides]
+
+
 def evaluate_checkpoint(path: str | Path, overrides: list[str]) -> dict:
     setup = prepare_evaluation(path, overrides)
     task, ckpt, tr = setup.task, setup.ckpt, trainer_config(setup.cfg)

@@ -158,7 +158,8 @@ def _first_values(spec: config.SearchConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------- run
-def search_main(argv: list[str]) -> None:
+def search_main(argv: list[str]) -> Path:
+    """`ptune search` (and ``ptune.search``); returns the search folder."""
     resume_dir = None
     if argv[:1] == ["--resume"]:
         if len(argv) < 2:
@@ -176,6 +177,7 @@ def search_main(argv: list[str]) -> None:
         stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         folder = Path(spec.dir) if spec.dir else Path("outputs") / "search" / name / stamp
     run_search(folder, name, spec, user)
+    return folder
 
 
 def _resume(folder: Path, search_args: list[str], user: list[str]):

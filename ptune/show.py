@@ -159,14 +159,11 @@ def load_config(overrides: list[str]):
 def show_template_text(overrides: list[str], n: int = DEFAULT_N) -> str:
     from .build import build_task
     from .config import trainer_config
-    from .data import k_shot, load_split, subsample
+    from .data import training_examples
 
     cfg = load_config(overrides)
     seed = trainer_config(cfg).seed
-    split = load_split(cfg.dataset, "train", cfg.data.get("root"))
-    if cfg.dataset.get("k_shot"):  # the examples training would see, in its order
-        split = k_shot(split, int(cfg.dataset.k_shot), seed)
-    split = subsample(split, cfg.dataset.get("max_train_samples"), seed)
+    split, _ = training_examples(cfg, seed)  # the examples training sees, in its order (no held-out ones)
     task = build_task(cfg, split.label_names, seed)
     return describe(task, split.examples, split.labels, n)
 

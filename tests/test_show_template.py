@@ -115,3 +115,26 @@ def test_cli_errors_are_one_line(tiny_models, csv_data, capsys, extra, needle):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ptune: error:") and needle in err[0]
+
+
+def test_validation_hold_out_is_not_shown(tiny_models, csv_data):
+    """With dataset.validation set, training learns from the examples left after the hold-out: show-template must
+    show those, never the held-out ones (it once repeated the selection without the hold-out)."""
+    from omegaconf import OmegaConf
+
+    from ptune.config import compose
+    from ptune.data import load_train_dev
+
+    args = overrides(tiny_models["bert"], csv_data, "template=sst2_mlm", "dataset.validation=3")
+    text = show_template_text(args, n=10)
+    cfg = compose(args)
+    OmegaConf.set_struct(cfg, False)
+    train, held = load_train_dev(cfg, 0)
+    assert len(train.labels) == 4 and len(held.labels) == 3
+    shown = [line for line in text.splitlines() if line.startswith("example ")]
+    assert len(shown) == 4, text  # 7 rows in the file, 3 held out
+    expected = show_template_text([*args, "dataset.validation=null"], n=10)
+    rows = example_lines(expected)  # every row of the file, in file order
+    full = [ex["text_a"] for ex in load_train_dev(compose([*args, "dataset.validation=null"]), 0)[0].examples]
+    kept = [rows[full.index(ex["text_a"])] for ex in train.examples]
+    assert example_lines(text) == kept

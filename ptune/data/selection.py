@@ -86,21 +86,27 @@ def _class_quotas(counts: dict[int, int], n: int) -> dict[int, int]:
     return quotas
 
 
-def load_train_dev(cfg: DictConfig, seed: int) -> tuple[Split, Split]:
-    root = cfg.data.get("root")
+def training_examples(cfg: DictConfig, seed: int) -> tuple[Split, Split | None]:
+    """The examples training learns from, in the order it sees them, and the part ``dataset.validation`` holds out
+    (None when unset). The one place that selects them: training (``load_train_dev``) and ``ptune show-template``
+    both call it, so show-template never shows an example that training holds out."""
     ds = cfg.dataset
-    # bad limits are reported before reading (possibly large) data files
-    max_train = sample_limit(ds.get("max_train_samples"), "dataset.max_train_samples")
-    max_eval = sample_limit(ds.get("max_eval_samples"), "dataset.max_eval_samples")
-    train = load_split(ds, "train", root)
-    if ds.get("validation") is not None:  # evaluate on held-out training examples: the eval split is never read
-        train, dev = hold_out(train, ds.validation, ds.validation_stratify)
-    else:
-        dev = load_split(ds, str(ds.get("eval_split", "dev")), root)
+    max_train = sample_limit(ds.get("max_train_samples"), "dataset.max_train_samples")  # before reading data
+    train = load_split(ds, "train", cfg.data.get("root"))
+    held = None
+    if ds.get("validation") is not None:
+        train, held = hold_out(train, ds.validation, ds.validation_stratify)
     if ds.get("k_shot"):
         train = k_shot(train, int(ds.k_shot), seed)
-    train = subsample(train, max_train, seed)
+    return subsample(train, max_train, seed), held
+
+
+def load_train_dev(cfg: DictConfig, seed: int) -> tuple[Split, Split]:
+    ds = cfg.dataset
+    # bad limits are reported before reading (possibly large) data files
+    max_eval = sample_limit(ds.get("max_eval_samples"), "dataset.max_eval_samples")
+    train, dev = training_examples(cfg, seed)
+    if dev is None:  # with dataset.validation, the held-out training examples: the eval split is never read
+        dev = load_split(ds, str(ds.get("eval_split", "dev")), cfg.data.get("root"))
     dev = subsample(dev, max_eval, 0, "dataset.max_eval_samples")
     return train, dev
-
-
