@@ -117,6 +117,18 @@ def test_decoder_head_reads_the_last_real_token_with_either_padding(kind, tiny_m
     assert torch.equal(pooled, torch.stack([hidden[0, 3], hidden[1, 1]]))
 
 
+def test_decoder_head_mean_pooling_counts_the_shared_prefix(tiny_models):
+    """Mean pooling averages every real token, the soft prompt's too: a causal LM's shared prefix (computed once
+    per batch) must not leave them out, so the scores equal those of the forward without the shortcut."""
+    cfg = make_cfg(tiny_models["gpt2"], "soft_prompt", readout="head", prompt_length=2)  # helpers' head: mean
+    task = make_task(cfg)
+    assert task.model.share_prefix  # the premise: a shared soft prefix the causal forward could run once
+    _, b = batch(task)
+    scores = logits(task, b)
+    task.model.share_prefix = False
+    torch.testing.assert_close(scores, logits(task, b), atol=1e-5, rtol=1e-5)
+
+
 def test_seq2seq_head_reads_the_first_decoder_state(tiny_models):
     """The state a seq2seq head pools is the one the model's own forward turns into the first decoder step's
     logits (not an encoder state): the LM head on it gives those logits."""
@@ -183,3 +195,19 @@ def test_label_word_init_without_label_words_names_the_target(tiny_models):
     cfg.method.init = "labels"
     with pytest.raises(PtuneError, match="needs label words: template.readout=generate has no template.label_words"):
         make_task(cfg)
+
+
+def test_peft_export_of_a_decoder_head_is_refused_naming_the_cause(tiny_models, tmp_path):
+    """PEFT's causal-LM adapter returns logits, not the hidden states the head reads: refused in one line, and
+    nothing is written."""
+    pytest.importorskip("peft")
+    from ptune.errors import PtuneError
+    from ptune.export import export_peft
+
+    cfg = make_cfg(tiny_models["gpt2"], "soft_prompt", readout="head", prompt_length=2)
+    cfg.template.pooling = "cls"
+    task = make_task(cfg)
+    save_checkpoint(tmp_path / "run" / "checkpoint", task.model, cfg, checkpoint_meta(task, cfg))
+    with pytest.raises(PtuneError, match="template.readout=head needs an encoder backbone"):
+        export_peft(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
