@@ -13,15 +13,13 @@ from .batching import Encoded
 from .config import BackboneConfig, TemplateConfig, section
 from .errors import PtuneError
 from .families import Family
-from .generation import TargetReadout, encode_targets, stop_token
 from .prompt_model import PromptModel
-from .readout import ClsHead, VerbalizerReadout
+from .readouts import Verbalizer, readout_class
 from .template import TemplateRenderer, parse_template
 from .token_cache import render_split
 from .tuners import MethodConfig, TunerContext, build_tuner, method_config, soft_token_methods, tuner_class
 from .tuners import deep_attention as da
 from .tuners.base import SiteShape
-from .verbalizer import Verbalizer, build_verbalizer
 
 
 @dataclass
@@ -44,32 +42,17 @@ def build_task(cfg: DictConfig, label_names: list[str], seed: int, backbone: Bac
     method = method_config(as_dict(cfg.method))
     tcfg: TemplateConfig = section(cfg, "template")
     bcfg: BackboneConfig = section(cfg, "backbone")
-    kind = tcfg.readout
+    readout_cls = readout_class(tcfg.readout)
     if backbone is None:
         backbone = load_backbone(
-            bcfg.name, with_lm_head=kind in ("verbalizer", "generate"), dtype=bcfg.dtype, quantize=bcfg.quantize
+            bcfg.name, with_lm_head=readout_cls.needs_lm_head, dtype=bcfg.dtype, quantize=bcfg.quantize
         )
     family = backbone.family
     tuner_cls = tuner_class(method)
     tok = backbone.tokenizer
-    if kind == "head" and not family.supports_head_readout:
-        raise PtuneError(
-            f"template.readout=head (a [CLS] linear head) needs an encoder backbone, but "
-            f"{cfg.backbone.name!r} is {family}: use template.readout=verbalizer"
-        )
-    if kind == "verbalizer" and family.head_optional and not backbone.has_lm_head:
-        raise PtuneError(
-            f"backbone {cfg.backbone.name!r} has no MLM head, so a verbalizer cannot read it: use "
-            "template.readout=head or a backbone with an MLM head (e.g. backbone=cassette_bert)"
-        )
-    if kind == "generate" and not family.generates_answer:
-        raise PtuneError(
-            f"template.readout=generate needs a causal or seq2seq backbone, but {cfg.backbone.name!r} is {family}"
-        )
-    answer_mode = "none" if kind == "head" else family.answer_mode
-    max_len = max_input_length(backbone, bcfg.max_length)
-    if kind == "generate" and family.causal_attention:  # the target follows the input in the same sequence
-        max_len -= tcfg.max_target_length
+    readout_cls.check_backbone(family, backbone, cfg.backbone.name)
+    answer_mode = readout_cls.answer_mode(family)
+    max_len = max_input_length(backbone, bcfg.max_length) - readout_cls.target_length(tcfg, family)
     template = parse_template(tcfg.text)
     if not tuner_cls.uses_soft_tokens and any(s.kind == "soft" for s in template.segments):
         suggest = " or ".join(f"method={name}" for name in soft_token_methods())
@@ -85,30 +68,7 @@ def build_task(cfg: DictConfig, label_names: list[str], seed: int, backbone: Bac
         prepend_soft=method.prompt_length if tuner_cls.uses_soft_tokens else 0,
         truncate_side=tcfg.truncate,
     )
-    verbalizer = None
-    if kind == "verbalizer":
-        if tcfg.multi_token == "full" and not family.generates_answer:
-            raise PtuneError(
-                "template.multi_token=full (whole-word log-likelihood) needs a causal or seq2seq backbone; "
-                "an MLM reads the single [MASK] slot: use multi_token=first or mean"
-            )
-        verbalizer = build_verbalizer(
-            tcfg.label_words,
-            label_names,
-            tok,
-            leading_space=family.generates_answer and template.text_before_mask().endswith(" "),
-            multi_token=tcfg.multi_token,
-        )
-        readout: torch.nn.Module = VerbalizerReadout(verbalizer)
-    elif kind == "generate":
-        readout = TargetReadout(
-            tcfg.target, tcfg.label_words, label_names, stop_token(backbone.model, tok), tcfg.max_target_length,
-            leading_space=family.causal_attention and template.text_before_mask().endswith(" "),
-            tokenizer=tok, decoding=tcfg.decoding, num_beams=tcfg.num_beams, seed=seed,
-        )
-    else:
-        hidden = backbone.model.get_input_embeddings().embedding_dim
-        readout = ClsHead(hidden, len(label_names), tcfg.pooling, tcfg.head_dropout)
+    readout = readout_cls.create(tcfg, list(label_names), backbone, template, seed)
     model = backbone.model
     sites: list[SiteShape] = []
     site_init = None
@@ -124,7 +84,8 @@ def build_task(cfg: DictConfig, label_names: list[str], seed: int, backbone: Bac
         hidden_size=model.get_input_embeddings().embedding_dim,
         num_soft=renderer.num_soft,
         soft_init_ids=renderer.soft_init_ids,
-        label_word_ids=verbalizer.token_ids[..., 0][verbalizer.word_mask].tolist() if verbalizer else [],
+        label_word_ids=readout.label_word_ids(),
+        no_label_words=readout.no_label_words,
         vocab_size=len(tok),
         special_ids=list(tok.all_special_ids),
         sites=sites,
@@ -133,7 +94,7 @@ def build_task(cfg: DictConfig, label_names: list[str], seed: int, backbone: Bac
     tuner = build_tuner(method, ctx, tok, seed)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     prompt_model = PromptModel(model, family, tuner, readout, pad_id, (len(renderer.prefix_ids) + lead, lead))
-    return Task(prompt_model, backbone, renderer, verbalizer, list(label_names), method, family.left_pad)
+    return Task(prompt_model, backbone, renderer, readout.verbalizer, list(label_names), method, family.left_pad)
 
 
 def max_input_length(backbone: Backbone, configured: int) -> int:
@@ -169,6 +130,4 @@ def _probe_sites(model, family: Family, tok, seed: int):
 def encode(task: Task, examples: list[dict[str, str]], labels: list[int]) -> Encoded:
     """Render a split: fields tokenised in batches, and cached on disk so a second run does not re-tokenise."""
     ids, answers = render_split(task.renderer, examples)
-    if isinstance(task.model.readout, TargetReadout):
-        return encode_targets(task.renderer, task.model.readout, examples, labels, ids, answers)
-    return Encoded(ids, answers, list(labels))
+    return task.model.readout.encode(task.renderer, examples, labels, ids, answers)

@@ -2,7 +2,7 @@
 
 The prompt alone biases the label words: fed an input without content ("N/A", or nothing), the model still
 prefers some classes. With ``template.calibrate: true`` the class log-probabilities of such content-free
-inputs, averaged, are stored in ``VerbalizerReadout.calibration`` and subtracted from every class score, so
+inputs, averaged, are stored in the readout's ``calibration`` buffer and subtracted from every class score, so
 scores become ``score - log p_cf`` (the diagonal W = diag(p_cf)^-1 of the paper, in log space). A
 content-free input then gets a uniform class distribution.
 
@@ -23,7 +23,6 @@ from .batching import Encoded
 from .build import Task
 from .errors import PtuneError
 from .evaluate import predict_logits
-from .readout import VerbalizerReadout
 
 CONTENT_FREE = ("N/A", "")
 
@@ -35,7 +34,7 @@ def content_free_logprobs(task: Task, device, amp, values: tuple[str, ...] = CON
     causal LM without a BOS token) are skipped.
     """
     readout = task.model.readout
-    if not isinstance(readout, VerbalizerReadout):
+    if not readout.calibratable:
         raise PtuneError("contextual calibration (template.calibrate) needs template.readout=verbalizer")
     fields = task.renderer.template.fields
     rendered = [task.renderer.render({name: value for name in fields}) for value in values]
@@ -66,6 +65,6 @@ def calibrate(task: Task, device, amp, values: tuple[str, ...] = CONTENT_FREE) -
 
 def reset(task: Task) -> None:
     """Back to uncalibrated scores (for training steps)."""
-    if isinstance(task.model.readout, VerbalizerReadout):
+    if task.model.readout.calibratable:
         with torch.no_grad():
             task.model.readout.calibration.zero_()

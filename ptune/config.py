@@ -66,13 +66,13 @@ class TemplateConfig:
     """How an example becomes the model's input, and how its answer is read."""
 
     text: str = MISSING  # fields {text_a}, {mask}, soft tokens {soft}, {soft:N}, {soft:"words"}
-    readout: str = "verbalizer"  # verbalizer: label words at {mask} | head: a linear head on an encoder
-    # | generate: {mask} is a target text the backbone writes (causal/seq2seq; ptune/generation.py)
+    readout: str = "verbalizer"  # verbalizer: label words at {mask} | head: a linear head on the pooled state
+    # | generate: {mask} is a target text the backbone writes (causal/seq2seq); ptune/readouts/
     label_words: dict[str, list[str]] | None = None  # class -> words (verbalizer)
     multi_token: str = "first"  # a label word of several tokens: first | mean | full (causal/seq2seq)
     truncate: str = "tail"  # which end of the longest field is cut: tail | head
     calibrate: bool = False  # contextual calibration (Zhao et al. 2021) against content-free inputs
-    pooling: str = "cls"  # head readout: cls | mean
+    pooling: str = "cls"  # head readout: cls ([CLS], a decoder's last real token, a seq2seq decoder state) | mean
     head_dropout: float = 0.1  # head readout: dropout on the pooled vector before the linear head
     # readout=generate: the field holding the target text (null: the label's first label word, text-to-text)
     target: str | None = None
@@ -363,7 +363,7 @@ def register() -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check every group's values (ranges, choices, unknown keys) before a run writes anything."""
-    from .metrics import selectable
+    from .readouts import selectable
     from .tuners import method_config
 
     checked = {group: section(cfg, group) for group in SCHEMAS}

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import time
 
 import torch
 
 from .batching import Encoded, collate, eval_batches
-from .generation import evaluate_generation, is_generative
 from .metrics import classification_metrics
 
 
@@ -50,11 +48,5 @@ def evaluate(
     model, data: Encoded, batch_size: int, device, amp, left_pad: bool, num_classes: int,
     label_names: list[str] | None = None,
 ) -> dict:
-    if is_generative(model):  # template.readout=generate: decode, then exact match / ROUGE-L / BLEU
-        return evaluate_generation(model, data, batch_size, device, amp)
-    start = time.perf_counter()
-    logits = predict_logits(model, data, batch_size, device, amp, left_pad)
-    wall = time.perf_counter() - start
-    result = metrics_from_logits(logits, data.labels, num_classes, label_names)
-    result["eval_examples_per_s"] = len(data) / max(wall, 1e-9)
-    return result
+    """The readout's metrics of one split (``Readout.evaluate``: class scores, or decoded texts)."""
+    return model.readout.evaluate(model, data, batch_size, device, amp, left_pad, num_classes, label_names)

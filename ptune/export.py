@@ -31,7 +31,6 @@ import torch
 
 from .atomic import atomic_folder
 from .errors import PtuneError
-from .generation import first_step_logits, is_generative
 from .template import SOFT_ID
 
 PROBES = [
@@ -115,59 +114,12 @@ def _soft_layout(task) -> int:
 
 
 def _readout_info(task, out: Path) -> dict[str, Any]:
-    from safetensors.torch import save_file
-
-    from .readout import ClsHead
-
-    readout = task.model.readout
-    if is_generative(task.model):
-        return {
-            "kind": "generate",
-            "target": readout.target or "the label's first label word",
-            "label_words": readout.label_words,
-            "stop_token_id": readout.stop_id,
-            "max_new_tokens": readout.max_target_length,
-            "how": "decode the target text after the rendered template (greedy, beam or sampling) until the stop "
-            "token; the adapter's first-step logits match ptune's",
-        }
-    if isinstance(readout, ClsHead):
-        save_file(
-            {k: v.detach().float().cpu().contiguous() for k, v in readout.linear.state_dict().items()},
-            str(out / "ptune_head.safetensors"),
-        )
-        return {
-            "kind": "head",
-            "file": "ptune_head.safetensors",
-            "pooling": readout.pooling,
-            "how": "logits = weight @ pooled + bias; pooled = hidden[:, 0] (cls) or the mean over attended "
-            "positions, virtual tokens included (mean)",
-        }
-    v = readout.verbalizer
-    return {
-        "kind": "verbalizer",
-        "label_words": {n: list(ws) for n, ws in zip(v.label_names, v.words, strict=True)},
-        "token_ids": v.token_ids.tolist(),
-        "token_mask": v.token_mask.tolist(),
-        "multi_token": v.multi_token,
-        "calibration": readout.calibration.tolist(),
-        "how": "class score = mean over the class's words of the word's logit(s) at the answer position "
-        "(first token, or mean of its tokens), minus calibration",
-    }
+    return task.model.readout.export_info(task.model, out)
 
 
 def _class_scores(task, logits_or_hidden: torch.Tensor, answer_pos: int) -> torch.Tensor:
     """ptune's readout applied to PEFT's output for one row."""
-    from .readout import ClsHead
-
-    model = task.model
-    if is_generative(model):  # readout=generate: the first generated token's vocabulary logits
-        return logits_or_hidden[:, model.family.output_answer_index(answer_pos)]
-    if isinstance(model.readout, ClsHead):  # hidden states; the head is exported beside the adapter
-        h = logits_or_hidden
-        return model.readout(h, torch.ones(h.shape[:2], dtype=torch.long, device=h.device))
-    row = logits_or_hidden[:, model.family.output_answer_index(answer_pos)]
-    ids = model.answer_ids(row.device)
-    return model.readout(row if ids is None else row[:, ids], ids)
+    return task.model.readout.export_scores(task.model, logits_or_hidden, answer_pos)
 
 
 def _peft_forward(peft_model, task, ids: list[int], drop: int) -> torch.Tensor:
@@ -187,11 +139,7 @@ def verify(task, out: Path, drop: int) -> float:
     with torch.no_grad():
         for ids, answer in _probe(task):
             t = torch.tensor([ids])
-            if is_generative(task.model):
-                head = t[:, : answer + 1] if answer >= 0 else t  # generation starts right after the slot
-                ours = first_step_logits(task.model, head, torch.ones_like(head))
-            else:
-                ours = task.model(t, torch.ones_like(t), torch.tensor([max(answer, 0)]))
+            ours = task.model.readout.export_reference(task.model, t, answer)
             theirs = _class_scores(task, _peft_forward(peft_model, task, ids, drop), answer)
             worst = max(worst, float((ours.float() - theirs.float()).abs().max()))
     return worst
@@ -334,8 +282,8 @@ def export_main(argv: list[str]) -> None:
         raise PtuneError("ptune export takes exactly one checkpoint path")
     info = export_peft(paths[0], args.output, overrides, check=not args.no_verify)
     what = f"PEFT {info['peft_type']} adapter ({info['num_virtual_tokens']} virtual tokens)"
-    if info["readout"]["kind"] == "head":
-        what += "; the [CLS] head is not part of a PEFT adapter and was written to ptune_head.safetensors"
+    if "file" in info["readout"]:
+        what += f"; the [CLS] head is not part of a PEFT adapter and was written to {info['readout']['file']}"
     checked = info.get("verified_max_abs_diff")
     print(
         f"exported {what} to {args.output}"

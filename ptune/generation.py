@@ -1,7 +1,4 @@
-"""template.readout=generate: the answer slot is a target text that the frozen backbone writes.
-
-Training minimises the LM loss of the target tokens only: a causal LM reads prompt + input + target (loss on the
-target), a seq2seq model reads prompt + input in the encoder and the target in the decoder.
+"""Decoding for template.readout=generate (ptune/readouts/generate.py): the backbone writes the target text.
 
 Decoding (greedy, beam search, seeded sampling) is owned here. With ``use_cache`` the backbone's own cache
 (DynamicCache / EncoderDecoderCache) holds the keys and values of the real tokens only; deep prompts never enter
@@ -16,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from .batching import Encoded, eval_batches
@@ -26,56 +22,6 @@ from .template import SOFT_ID
 from .tuners import deep_attention as da
 
 STRATEGIES = ("greedy", "beam", "sample")
-
-
-class TargetReadout(nn.Module):
-    """The readout of template.readout=generate: no parameters, only where the target text comes from.
-
-    ``target``: the example field holding the target text, or None for the label's first label word
-    (text-to-text classification)."""
-
-    def __init__(self, target: str | None, label_words: dict | None, label_names: list[str], stop_id: int,
-                 max_target_length: int, leading_space: bool, tokenizer=None, decoding: str = "greedy",
-                 num_beams: int = 4, seed: int = 0):
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.settings = {"strategy": decoding, "num_beams": num_beams, "seed": seed,
-                         "max_new_tokens": max_target_length}
-        self.target = target
-        self.label_words = dict(label_words or {})
-        self.label_names = list(label_names)
-        self.stop_id = stop_id
-        self.max_target_length = max_target_length
-        self.leading_space = leading_space
-        if target is None:
-            missing = [n for n in self.label_names if not self.label_words.get(n)]
-            if missing:
-                raise PtuneError(
-                    f"template.readout=generate without template.target needs a label word for every class: "
-                    f"{missing[0]!r} has none in template.label_words"
-                )
-
-    def target_text(self, example: dict[str, str], label: int) -> str:
-        if self.target is None:
-            return str(self.label_words[self.label_names[label]][0])
-        if self.target not in example:
-            raise PtuneError(f"template.target={self.target!r} is not a field of the data: {', '.join(example)}")
-        return str(example[self.target]).strip()
-
-
-def is_generative(model) -> bool:
-    return isinstance(getattr(model, "readout", None), TargetReadout)
-
-
-def stop_token(model, tok) -> int:
-    """The token that ends a target: the model's eos, else the tokenizer's eos or [SEP]."""
-    eos = getattr(model.config, "eos_token_id", None)
-    if isinstance(eos, list | tuple):
-        eos = eos[0] if eos else None
-    for cand in (eos, getattr(tok, "eos_token_id", None), getattr(tok, "sep_token_id", None)):
-        if cand is not None:
-            return int(cand)
-    raise PtuneError("template.readout=generate needs a backbone with an end-of-sequence token")
 
 
 @dataclass
@@ -92,16 +38,6 @@ def prompt_rows(ids: list[list[int]], answers: list[int]) -> list[list[int]]:
     return [r[: a + 1] if a >= 0 else r for r, a in zip(ids, answers, strict=True)]
 
 
-def encode_targets(renderer, readout: TargetReadout, examples, labels, ids, answers) -> GenEncoded:
-    ids = prompt_rows(ids, answers)
-    texts = [readout.target_text(ex, lab) for ex, lab in zip(examples, labels, strict=True)]
-    shown = [(" " + t if readout.leading_space and t else t) for t in texts]
-    tok = renderer.tokenizer
-    tokenised = tok(shown, add_special_tokens=False)["input_ids"] if shown else []
-    target_ids = [list(t)[: readout.max_target_length - 1] + [readout.stop_id] for t in tokenised]
-    return GenEncoded(ids, answers, list(labels), target_ids, texts)
-
-
 def collate_prompts(input_ids: list[list[int]], pad_id: int, left_pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in input_ids)
     ids, mask = [], []
@@ -114,38 +50,6 @@ def collate_prompts(input_ids: list[list[int]], pad_id: int, left_pad: bool) -> 
 
 def _prefixes(pm, bare: bool):
     return pm.tuner.deep_prefixes() if pm.tuner.is_deep and not bare else None
-
-
-# ------------------------------------------------------------------------------------------------ training loss
-def lm_loss(pm, data: GenEncoded, idx: list[int], device: torch.device) -> torch.Tensor:
-    """Mean cross-entropy of the target tokens of examples ``idx`` given their prompts."""
-    targets = [data.target_ids[i] for i in idx]
-    prompts = [data.input_ids[i] for i in idx]
-    model, family = pm.backbone, pm.family
-    with da.prefixes(_prefixes(pm, False)):
-        if family.writes_in_decoder:
-            ids, mask = collate_prompts(prompts, pm.pad_id, False)
-            width = max(len(t) for t in targets)
-            labels = torch.tensor([t + [-100] * (width - len(t)) for t in targets], device=device)
-            start = family.decoder_start(model, len(idx), device)
-            dec = torch.cat([start, labels[:, :-1].clamp(min=0)], 1)
-            dec = dec.masked_fill(dec < 0, pm.pad_id)
-            logits = model(
-                inputs_embeds=pm.embed(ids.to(device)), attention_mask=mask.to(device), decoder_input_ids=dec
-            ).logits
-            return nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        rows = [p + t for p, t in zip(prompts, targets, strict=True)]
-        ids, mask = collate_prompts(rows, pm.pad_id, family.left_pad)
-        width = ids.shape[1]
-        lab = [[-100] * (width - len(t)) + t if family.left_pad else [-100] * len(p) + t + [-100] * (width - len(p)
-               - len(t)) for p, t in zip(prompts, targets, strict=True)]
-        labels = torch.tensor(lab, device=device)
-        ids, mask = ids.to(device), mask.to(device)
-        hidden = pm.hidden_states(pm.embed(ids), mask)
-        where = labels[:, 1:] != -100  # position i predicts token i + 1
-        h = hidden[:, :-1][where]
-        logits = family.head_logits(model, h, None)
-        return nn.functional.cross_entropy(logits.float(), labels[:, 1:][where])
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -276,7 +180,7 @@ def generate(
 def generate_texts(pm, data: Encoded, batch_size: int, device, amp, bare: bool = False,
                    use_cache: bool = True, **overrides) -> list[str]:
     """Decode every example of ``data`` (sorted-by-length batches) and return texts in the data's order;
-    decoding settings come from the template (``TargetReadout.settings``) unless ``overrides`` name them."""
+    decoding settings come from the template (``GenerateReadout.settings``) unless ``overrides`` name them."""
     from .evaluate import autocast
 
     tok, settings = pm.readout.tokenizer, {**pm.readout.settings, **overrides}
@@ -368,11 +272,7 @@ def predict_generate(paths, inputs, overrides, batch_size: int, device: str | No
     prompts = []
     for p in paths:
         task, cfg, ckpt, _ = load_task(p, list(overrides))
-        if not is_generative(task.model):
-            raise PtuneError(
-                f"--generate needs a checkpoint trained with template.readout=generate; {p!r} has "
-                f"template.readout={cfg.template.readout}"
-            )
+        task.model.readout.check_prediction(True, p)
         fields = task.renderer.template.field_names
         prompts.append(SimpleNamespace(name=p, checkpoint=str(ckpt), task=task, cfg=cfg, fields=fields))
     requests: list[list[tuple[int, dict]]] = [[] for _ in prompts]

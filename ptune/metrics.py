@@ -3,7 +3,7 @@
 ``classification_metrics`` gives the scalars (accuracy, macro-F1, weighted-F1, MCC, expected calibration error),
 per-class precision/recall/F1/support and the confusion matrix (rows: true class, columns: predicted class).
 ``SELECTABLE`` are the scalars ``trainer.metric`` may select the best checkpoint on (higher is better; which of
-them a readout reports: ``selectable``);
+them a readout reports: ``Readout.metrics``, ``ptune.readouts.selectable``);
 ``ece`` is lower-is-better and so only reported. ``plot_confusion`` and ``plot_curves`` write the run folder's
 ``confusion.png`` and ``curves.png`` (matplotlib, imported lazily: without it the plots are skipped).
 """
@@ -16,15 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# what each readout's evaluation reports (classification_metrics; generation.generation_metrics)
+# what each readout's evaluation reports (classification_metrics; generation.generation_metrics): Readout.metrics
 CLASSIFIER_SELECTABLE = ("accuracy", "macro_f1", "weighted_f1", "mcc", "macro_precision", "macro_recall")
 GENERATE_SELECTABLE = ("accuracy", "rouge_l", "bleu")
 SELECTABLE = tuple(dict.fromkeys(CLASSIFIER_SELECTABLE + GENERATE_SELECTABLE))
 
-
-def selectable(readout: str) -> tuple[str, ...]:
-    """The ``trainer.metric`` values a ``template.readout`` produces at every evaluation."""
-    return GENERATE_SELECTABLE if readout == "generate" else CLASSIFIER_SELECTABLE
 ECE_BINS = 15
 
 

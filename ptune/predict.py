@@ -268,11 +268,8 @@ def _class_rows(args, paths: list[str], overrides: list[str], inputs: list[dict]
     from .serving import PromptServer
 
     server = PromptServer(paths, overrides, device=args.device)
-    from .generation import is_generative
-
     for p in server.prompts:
-        if is_generative(p.task.model):
-            raise PtuneError(f"checkpoint {p.name!r} generates text (template.readout=generate): add --generate")
+        p.task.model.readout.check_prediction(False, p.name)
     if args.input is not None:
         source = str(args.input)
     else:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .families import Family, position_ids
-from .readout import ClsHead, VerbalizerReadout, full_sequence_scores
+from .readouts import Readout
 from .template import SOFT_ID
 from .tuners import Tuner
 from .tuners import deep_attention as da
@@ -26,7 +26,7 @@ class PromptModel(nn.Module):
         model: nn.Module,
         family: Family,
         tuner: Tuner,
-        readout: nn.Module,
+        readout: Readout,
         pad_id: int,
         shared_prefix: tuple[int, int] = (0, 0),
     ):
@@ -74,16 +74,14 @@ class PromptModel(nn.Module):
         return embeds
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_pos: torch.Tensor):
-        if self.share_prefix and not self._full_sequence_readout():
+        if self.share_prefix and self.readout.shares_prefix:
             split = self._split_shared_prefix(input_ids, attention_mask)
             if split is not None:
                 return self._forward_shared_prefix(*split, answer_pos)
         embeds = self.embed(input_ids)
         prefixes = self.tuner.deep_prefixes() if self.tuner.is_deep else None
         with da.prefixes(prefixes):
-            if self._full_sequence_readout():
-                return full_sequence_scores(self, embeds, attention_mask, answer_pos)
-            states = self.family.run(self, embeds, attention_mask)
+            states = self.readout.run(self, embeds, attention_mask, answer_pos)
         return self.read_out(states, attention_mask, answer_pos)
 
     def hidden_states(
@@ -95,9 +93,6 @@ class PromptModel(nn.Module):
         if self._takes_positions:
             kwargs["position_ids"] = position_ids(attention_mask) if positions is None else positions
         return self.body(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
-
-    def _full_sequence_readout(self) -> bool:
-        return isinstance(self.readout, VerbalizerReadout) and self.readout.verbalizer.multi_token == "full"
 
     def _split_shared_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """(prefix ids [1, K], rest ids [B, W-K], rest mask [B, W-K]) when every row opens with the same K real
@@ -158,11 +153,8 @@ class PromptModel(nn.Module):
         return self.read_out(hidden, attention_mask, answer_pos - k)
 
     def read_out(self, states: torch.Tensor, attention_mask: torch.Tensor, answer_pos: torch.Tensor) -> torch.Tensor:
-        """Class scores from what ``family.run`` returned (hidden states, or a seq2seq model's answer logits)."""
-        if isinstance(self.readout, ClsHead):
-            return self.readout(states, attention_mask)
-        ids = self.answer_ids(states.device)
-        return self.readout(self.family.answer_logits(self.backbone, states, answer_pos, ids), ids)
+        """Class scores from what ``readout.run`` returned (hidden states, or a seq2seq model's answer logits)."""
+        return self.readout.read(self, states, attention_mask, answer_pos)
 
     def answer_ids(self, device: torch.device) -> torch.Tensor | None:
         """The vocabulary ids whose logits the verbalizer reads, where the family computes only those."""

@@ -33,7 +33,7 @@ from .evaluate import autocast
 from .frozen import prepare_frozen_backbone
 from .inference import apply_overrides, check_same_backbone, identity_mismatch
 from .prompt_model import PromptModel
-from .readout import VerbalizerReadout
+from .readouts import readout_class
 from .runtime import pick_amp, pick_device, seed_everything
 from .tuners import deep_attention as da
 
@@ -56,9 +56,8 @@ class ServedPrompt:
 
     @property
     def mixable(self) -> bool:
-        """False for readouts that need their own forward (multi_token=full scores whole label words)."""
-        readout = self.task.model.readout
-        return not (isinstance(readout, VerbalizerReadout) and readout.verbalizer.multi_token == "full")
+        """False for readouts that need their own forward (``Readout.mixable``: multi_token=full, a seq2seq head)."""
+        return self.task.model.readout.mixable(self.task.model.family)
 
 
 def load_prompts(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> tuple[list[ServedPrompt], Backbone]:
@@ -87,7 +86,7 @@ def load_prompts(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> 
                     f"checkpoints {first_name!r} and {name!r} use different backbone.{key} values: pass the same "
                     f"backbone.{key}=... override for all of them"
                 )
-    need_lm_head = any(section(cfg, "template").readout == "verbalizer" for _, _, cfg, _, _ in loaded)
+    need_lm_head = any(readout_class(section(cfg, "template").readout).needs_lm_head for _, _, cfg, _, _ in loaded)
     backbone = load_backbone(shared.name, with_lm_head=need_lm_head, dtype=shared.dtype, quantize=shared.quantize)
     prompts = []
     for name, ckpt, cfg, meta, state in loaded:
@@ -236,7 +235,7 @@ class PromptServer:
         return groups
 
     def _verbalized(self, i: int) -> bool:
-        return isinstance(self.prompts[i].task.model.readout, VerbalizerReadout)
+        return self.prompts[i].task.model.readout.reads_vocabulary
 
     # ------------------------------------------------------------------ batched scoring
     def scores(self, requests: Sequence[tuple[int, dict[str, str]]], batch_size: int = 32) -> list[torch.Tensor]:

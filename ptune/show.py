@@ -48,7 +48,7 @@ def render_tokens(task, input_ids: list[int], answer_pos: int) -> str:
     if mode == "drop":
         line += "  => decoder: <start> <answer>"
     elif mode == "none":
-        line += f"  => linear head ({getattr(task.model.readout, 'pooling', '?')} pooling)"
+        line += f"  => {task.model.readout.describe()}"
     return line
 
 
@@ -112,10 +112,8 @@ def describe(task, examples: list[dict[str, str]], labels: list[int], n: int = D
 
 
 def generate_readout(task):
-    """The task's TargetReadout (template.readout=generate), or None for a verbalizer or a linear head."""
-    from .generation import is_generative
-
-    return task.model.readout if is_generative(task.model) else None
+    """The task's readout where it writes text (template.readout=generate), or None for a classifier."""
+    return task.model.readout if task.model.readout.generates_text else None
 
 
 def split_args(argv: list[str]) -> tuple[int, list[str]]:

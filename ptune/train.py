@@ -29,7 +29,6 @@ from .data import load_train_dev
 from .errors import PtuneError
 from .evaluate import autocast, evaluate
 from .frozen import prepare_frozen_backbone
-from .generation import is_generative, lm_loss
 from .memory import apply_memory_features, check_combination
 from .metrics import plot_confusion
 from .progress import Reporter, SilentReporter
@@ -209,11 +208,7 @@ def train_step(run: Run, loop: LoopState) -> float:
         b = collate(run.train_data, idx, model.pad_id, run.task.left_pad)
         kernel = attention_kernel(tr.attention_kernel, device, run.amp, b["input_ids"].shape[1])
         with autocast(device, run.amp), kernel:
-            if is_generative(model):  # template.readout=generate: LM loss of the target tokens only
-                loss = lm_loss(model, run.train_data, idx, device)
-            else:
-                logits = model(b["input_ids"].to(device), b["attention_mask"].to(device), b["answer_pos"].to(device))
-                loss = torch.nn.functional.cross_entropy(logits.float(), b["labels"].to(device), run.class_weight)
+            loss = model.readout.loss(model, run.train_data, idx, b, device, run.class_weight)
         run.scaler.scale(loss * share / tr.grad_accum).backward()
         loss_sum += loss.detach().float() * share / tr.grad_accum
     if d.enabled:  # the all-reduce is a host sync anyway: check here, before the update
@@ -250,11 +245,7 @@ def class_weights(tr: TrainerConfig, task: Task, labels: list[int], device: torc
     ``none``. A weighted cross-entropy is still a mean over the batch (PyTorch divides by the summed weights)."""
     if tr.class_weights == "none":
         return None
-    if is_generative(task.model):
-        raise PtuneError(
-            "trainer.class_weights=balanced weighs classes of a classifier readout, but template.readout=generate "
-            "trains on target tokens: use trainer.class_weights=none"
-        )
+    task.model.readout.check_class_weights()
     label_names = task.label_names
     counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=len(label_names)).double()
     missing = [name for name, c in zip(label_names, counts.tolist(), strict=True) if c == 0]

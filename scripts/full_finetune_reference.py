@@ -24,7 +24,7 @@ from ptune.backbone import load_backbone
 from ptune.batching import Encoded, collate, eval_batches, train_batches
 from ptune.data import load_split
 from ptune.metrics import classification_metrics
-from ptune.readout import ClsHead
+from ptune.readouts import HeadReadout
 from ptune.template import TemplateRenderer, parse_template
 
 TEMPLATES = {"sst2": "{text_a}", "cb": "{text_a} [SEP] {text_b}"}  # as conf/template/{sst2,cb}_head.yaml
@@ -55,7 +55,7 @@ def main() -> None:
         for s, sp in splits.items()
     }
     label_names = splits["train"].label_names
-    head = ClsHead(model.config.hidden_size, len(label_names), "mean", 0.1)
+    head = HeadReadout(model.config.hidden_size, len(label_names), "mean", 0.1)
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 36, max(0.0, 1 - s / args.steps)))

@@ -10,7 +10,8 @@ import torch
 
 from ptune.build import encode
 from ptune.errors import PtuneError
-from ptune.generation import GenEncoded, _Decoder, collate_prompts, generate, generation_metrics, lm_loss
+from ptune.generation import GenEncoded, _Decoder, collate_prompts, generate, generation_metrics
+from ptune.readouts.generate import lm_loss
 
 from .helpers import SENTENCES, make_cfg, make_task
 

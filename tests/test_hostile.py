@@ -255,8 +255,8 @@ def test_duplicate_csv_header_is_refused(tiny_models, tiny_csv, tmp_path, monkey
 def test_multi_piece_label_word_scored_by_first_piece_warns_once(tiny_models, monkeypatch, capsys):
     from transformers import AutoTokenizer
 
-    from ptune import verbalizer
     from ptune.errors import PtuneError
+    from ptune.readouts import verbalizer
 
     monkeypatch.setattr(verbalizer, "_WARNED_FIRST_PIECE", set())
     tok = AutoTokenizer.from_pretrained(tiny_models["bert"])
@@ -285,7 +285,7 @@ def test_special_token_label_word_is_an_error(tiny_models, word):
     from transformers import AutoTokenizer
 
     from ptune.errors import PtuneError
-    from ptune.verbalizer import build_verbalizer
+    from ptune.readouts.verbalizer import build_verbalizer
 
     tok = AutoTokenizer.from_pretrained(tiny_models["bert"])
     with pytest.raises(PtuneError, match=r"special token '\[" + word[1:-1] + r"\]'"):

@@ -11,8 +11,8 @@ from ptune.calibration import calibrate, content_free_logprobs
 from ptune.checkpoint import save_checkpoint
 from ptune.errors import PtuneError
 from ptune.inference import load_task
+from ptune.readouts.verbalizer import build_verbalizer
 from ptune.train import checkpoint_meta
-from ptune.verbalizer import build_verbalizer
 
 from .helpers import LABELS, SENTENCES, batch, logits, make_cfg, make_task
 

@@ -52,8 +52,11 @@ class Family:
     writes_in_decoder: ClassVar[bool] = False
     """Generated text comes from a separate decoder that reads the encoded input (``template.readout=generate``:
     the target is the decoder's input and labels), not from continuing the input sequence itself."""
-    supports_head_readout: ClassVar[bool] = False
-    """A linear head on the pooled output (template.readout=head) is offered for this family."""
+    head_reads_input: ClassVar[bool] = True
+    """A linear head (template.readout=head) reads the input's hidden states, the ones ``run`` returns too (so
+    mean pooling and multi-prompt serving's shared forward apply); False where it reads a decoder state."""
+    peft_head_export: ClassVar[bool] = False
+    """``ptune export`` can verify a linear head: the PEFT adapter's forward returns the hidden states it reads."""
     label_rows_only: ClassVar[bool] = False
     """The verbalizer multiplies only the label words' rows of the LM head (Gemma's head alone has 168M
     weights) instead of computing logits over the whole vocabulary."""
@@ -110,6 +113,14 @@ class Family:
         """The backbone's forward on prompt-filled embeddings; returns what ``answer_logits`` reads: here the
         body's hidden states [B, L, H]."""
         return pm.hidden_states(embeds, attention_mask)
+
+    def run_hidden(self, pm: PromptModel, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The hidden states [B, L, H] a linear head (template.readout=head) pools."""
+        return pm.hidden_states(embeds, attention_mask)
+
+    def summary_state(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, H]: the one state that sums up each row for a linear head (``pooling=cls``): the first ([CLS])."""
+        return hidden[:, 0]
 
     def answer_logits(
         self, model: PreTrainedModel, states: torch.Tensor, answer_pos: torch.Tensor, ids: torch.Tensor | None

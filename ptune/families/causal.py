@@ -40,6 +40,11 @@ class CausalFamily(Family):
             return True
         return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    def summary_state(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The last real token: the only one that has seen the whole input (left or right padding)."""
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(1).long().argmax(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
+
     def head_logits(self, model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
         """The LM head (only its ``ids`` rows when given), with Gemma's final logit soft-capping."""
         head = model.get_output_embeddings()

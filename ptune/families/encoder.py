@@ -18,7 +18,7 @@ class EncoderFamily(Family):
     head_class: ClassVar[type] = AutoModelForMaskedLM
     head_optional: ClassVar[bool] = True
     generates_answer: ClassVar[bool] = False
-    supports_head_readout: ClassVar[bool] = True
+    peft_head_export: ClassVar[bool] = True
     peft_task_type: ClassVar[str] = "FEATURE_EXTRACTION"  # PEFT has no masked-LM task; it returns the MLM's logits
     answer_description: ClassVar[str] = "logits at the [MASK] position"
 

@@ -20,6 +20,7 @@ class Seq2SeqFamily(Family):
     answer_mode: ClassVar[str] = "drop"
     head_class: ClassVar[type] = AutoModelForSeq2SeqLM
     writes_in_decoder: ClassVar[bool] = True
+    head_reads_input: ClassVar[bool] = False
     peft_task_type: ClassVar[str] = "SEQ_2_SEQ_LM"
     answer_description: ClassVar[str] = "first decoder step's logits"
 
@@ -51,6 +52,16 @@ class Seq2SeqFamily(Family):
         """The first decoder step's vocabulary logits [B, V]."""
         extra = self.forward_inputs(pm.backbone, embeds.shape[0], embeds.device)
         return pm.backbone(inputs_embeds=embeds, attention_mask=attention_mask, **extra).logits[:, 0]
+
+    def run_hidden(self, pm: PromptModel, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The first decoder step's hidden state [B, 1, H] (the state the answer's logits are computed from):
+        the decoder has read the whole encoded input through cross-attention."""
+        model = pm.backbone
+        enc = model.get_encoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        start = self.decoder_start(model, embeds.shape[0], embeds.device)
+        return model.get_decoder()(
+            input_ids=start, encoder_hidden_states=enc, encoder_attention_mask=attention_mask
+        ).last_hidden_state
 
     def answer_logits(
         self, model: PreTrainedModel, states: torch.Tensor, answer_pos: torch.Tensor, ids: torch.Tensor | None

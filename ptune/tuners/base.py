@@ -68,6 +68,7 @@ class TunerContext:
     special_ids: list[int]
     sites: list[SiteShape]  # deep-prompt attention sites, in model order
     site_init: Any = None  # callable(prompt_length) -> list[(k, v)] from real tokens, for deep init="vocab"
+    no_label_words: str = ""  # why label_word_ids is empty (the readout's Readout.no_label_words), for the error
 
     def embed(self, ids: list[int]) -> torch.Tensor:
         with torch.no_grad():
@@ -156,7 +157,8 @@ def init_soft_vectors(
     elif init == "labels":
         ids = ctx.label_word_ids
         if not ids:
-            raise PtuneError("method.init=labels needs a verbalizer with label words (not a [CLS] head)")
+            why = f": {ctx.no_label_words}" if ctx.no_label_words else ""
+            raise PtuneError(f"method.init=labels needs label words{why}; use method.init=vocab, random or text")
         base = ctx.embed([ids[i % len(ids)] for i in range(n)])
     else:
         raise PtuneError(f"method.init={init!r} is not valid: use random, vocab, text or labels")

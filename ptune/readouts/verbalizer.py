@@ -1,4 +1,4 @@
-"""Verbalizers: map each class to label words and read class scores off the LM's answer-slot logits."""
+"""template.readout=verbalizer: each class has label words; class scores are read off the LM's answer-slot logits."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Literal
 
 import torch
 
-from .errors import PtuneError
+from ..errors import PtuneError
+from .base import Readout
 
 MultiToken = Literal["first", "mean", "full"]
 
@@ -21,7 +22,7 @@ class Verbalizer:
     Class score = mean over its words of the word score; a multi-token word scores the first token's logit
     ("first") or the mean of its tokens' logits at the answer slot ("mean"), or, for causal and seq2seq
     backbones, the teacher-forced log-likelihood of all its tokens ("full", computed in
-    ``readout.full_sequence_scores``).
+    ``full_sequence_scores``).
     """
 
     label_names: list[str]
@@ -160,3 +161,107 @@ def _warn_first_piece(tokenizer, word: str, cls: str, toks: list[int]) -> None:
 
 def _is_bare_space(tokenizer, token_id: int) -> bool:
     return tokenizer.decode([token_id]).strip() == ""
+
+
+class VerbalizerReadout(Readout):
+    """Class scores from the answer slot's vocabulary logits; optional content-free calibration offsets."""
+
+    name = "verbalizer"
+    calibratable = True
+    reads_vocabulary = True
+
+    def __init__(self, verbalizer: Verbalizer):
+        super().__init__()
+        self.verbalizer = verbalizer
+        self.register_buffer("calibration", torch.zeros(len(verbalizer.label_names)))
+
+    @classmethod
+    def check_backbone(cls, family, backbone, name: str) -> None:
+        if family.head_optional and not backbone.has_lm_head:
+            raise PtuneError(
+                f"backbone {name!r} has no MLM head, so a verbalizer cannot read it: use "
+                "template.readout=head or a backbone with an MLM head (e.g. backbone=cassette_bert)"
+            )
+
+    @classmethod
+    def create(cls, tcfg, label_names, backbone, template, seed: int) -> VerbalizerReadout:
+        family = backbone.family
+        if tcfg.multi_token == "full" and not family.generates_answer:
+            raise PtuneError(
+                "template.multi_token=full (whole-word log-likelihood) needs a causal or seq2seq backbone; "
+                "an MLM reads the single [MASK] slot: use multi_token=first or mean"
+            )
+        verbalizer = build_verbalizer(
+            tcfg.label_words,
+            label_names,
+            backbone.tokenizer,
+            leading_space=family.generates_answer and template.text_before_mask().endswith(" "),
+            multi_token=tcfg.multi_token,
+        )
+        return cls(verbalizer)
+
+    def label_word_ids(self) -> list[int]:
+        v = self.verbalizer
+        return v.token_ids[..., 0][v.word_mask].tolist()
+
+    def forward(self, vocab_logits: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``vocab_logits`` over the whole vocabulary, or over just the token ``ids`` when given."""
+        return self.verbalizer.class_scores(vocab_logits.float(), ids) - self.calibration
+
+    def from_word_scores(self, word_scores: torch.Tensor) -> torch.Tensor:
+        """[B, C, W] per-word scores (e.g. log-likelihoods for multi_token=full) -> calibrated class scores."""
+        return self.verbalizer.aggregate(word_scores.float()) - self.calibration
+
+    @property
+    def whole_words(self) -> bool:
+        """multi_token=full: ``run`` scores whole label words by teacher forcing (its own forward per word)."""
+        return self.verbalizer.multi_token == "full"
+
+    def run(self, pm, embeds, attention_mask, answer_pos):
+        """multi_token=full returns the class scores here already (``read`` passes them on)."""
+        if self.whole_words:
+            return full_sequence_scores(pm, embeds, attention_mask, answer_pos)
+        return pm.family.run(pm, embeds, attention_mask)
+
+    def read(self, pm, states, attention_mask, answer_pos):
+        if self.whole_words:
+            return states
+        ids = pm.answer_ids(states.device)
+        return self(pm.family.answer_logits(pm.backbone, states, answer_pos, ids), ids)
+
+    @property
+    def shares_prefix(self) -> bool:
+        return not self.whole_words
+
+    def mixable(self, family) -> bool:
+        return not self.whole_words
+
+    def export_info(self, pm, out):
+        v = self.verbalizer
+        return {
+            "kind": "verbalizer",
+            "label_words": {n: list(ws) for n, ws in zip(v.label_names, v.words, strict=True)},
+            "token_ids": v.token_ids.tolist(),
+            "token_mask": v.token_mask.tolist(),
+            "multi_token": v.multi_token,
+            "calibration": self.calibration.tolist(),
+            "how": "class score = mean over the class's words of the word's logit(s) at the answer position "
+            "(first token, or mean of its tokens), minus calibration",
+        }
+
+
+def full_sequence_scores(pm, embeds: torch.Tensor, attention_mask: torch.Tensor, answer_pos: torch.Tensor):
+    """multi_token=full: class score = mean over the class's words of log p(all the word's tokens | prompt).
+
+    Teacher forcing, one row per (example, word): the family (``word_logits``) feeds each word's tokens after
+    the prompt (a causal LM after the answer position, a seq2seq decoder after its start token).
+    ``pm`` is the PromptModel; call this inside its deep-prefix context.
+    """
+    verb = pm.readout.verbalizer
+    c, w, t = verb.token_ids.shape
+    dev, b, n = embeds.device, embeds.shape[0], c * w
+    words = verb.token_ids.to(dev).view(n, t).repeat(b, 1)  # row i * n + j: example i, word j
+    wmask = verb.token_mask.to(dev).view(n, t).repeat(b, 1)
+    logits = pm.family.word_logits(pm, embeds, attention_mask, answer_pos, words, n)
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, words[..., None]).squeeze(-1)
+    return pm.readout.from_word_scores((logp * wmask).sum(-1).view(b, c, w))
