@@ -183,6 +183,7 @@ class Predictor:
         from .checkpoint import find_checkpoint, read_checkpoint
         from .config import section
         from .inference import apply_overrides
+        from .readouts import readout_class
         from .template import parse_template
 
         self.path = Path(path)
@@ -193,7 +194,7 @@ class Predictor:
         template = section(apply_overrides(cfg, self.overrides), "template")
         self.label_names: list[str] = list(meta["label_names"])
         self.fields: list[str] = parse_template(template.text).field_names  # what one text fills
-        self.generates = template.readout == "generate"  # `ptune predict --generate`
+        self.generates = readout_class(template.readout).generates_text  # `ptune predict --generate`
         self._server = None
         if not self.generates:
             from .serving import PromptServer
