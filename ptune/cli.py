@@ -112,7 +112,7 @@ def new_run_names(cfg) -> list[str]:
 
 def claim_sweep_dir(sweep_dir: str) -> runfolder.RunFolder:
     """A multirun's folder must be new or empty: its jobs 0/, 1/, ... and summary.* would replace a user's files
-    or an earlier sweep's runs. Marked as ptune's, so that `ptune report` may rewrite its summary later."""
+    or an earlier sweep's runs. Returns what existed, to undo a sweep that ends before its first job."""
     found = runfolder.RunFolder.survey(Path(sweep_dir))
     runfolder.check_writable(found.path, "hydra.sweep.dir")
     if found.entries_before:
@@ -120,7 +120,6 @@ def claim_sweep_dir(sweep_dir: str) -> runfolder.RunFolder:
             f"hydra.sweep.dir={sweep_dir!r} is not empty (it holds {runfolder.list_names(found.entries_before)}): "
             "name a new folder for the sweep; ptune never writes a sweep over files or earlier runs"
         )
-    runfolder.mark(found.path, "sweep")
     return found
 
 
@@ -142,7 +141,7 @@ def pin_sweep_dir(argv: list[str]) -> str | None:
 def _sweep_started(sweep_dir: Path) -> bool:
     """Whether a job folder exists in the sweep: those are the sweep's results, kept whatever happens next."""
     try:
-        return any(e.name not in (runfolder.MARKER, "multirun.yaml") for e in sweep_dir.iterdir())
+        return any(e.name != "multirun.yaml" for e in sweep_dir.iterdir())
     except OSError:
         return False
 
@@ -216,7 +215,7 @@ def train_main(argv: list[str]) -> None:
         if folder is not None and not multirun and not (folder.path / "checkpoint").exists():
             folder.undo(extra_names=(JOB_LOG,))
         elif folder is not None and multirun and not _sweep_started(folder.path):
-            folder.undo(extra_names=(runfolder.MARKER, "multirun.yaml"))
+            folder.undo(extra_names=("multirun.yaml",))
         raise
     distributed.cleanup()
     if sweep_dir is not None and Path(sweep_dir).is_dir():

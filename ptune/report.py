@@ -427,12 +427,8 @@ SUMMARY_HEADS = {
 
 
 def refuse_foreign_summary(root: Path) -> None:
-    """Refuse (one line, nothing written) to replace a summary.* that ptune did not write, in a folder that is not
-    ptune's (a sweep folder carries ptune's marker; any other folder of runs is the user's)."""
-    from .runfolder import MARKER
-
-    if (root / MARKER).is_file():
-        return
+    """Refuse (one line, nothing written) to replace a summary.* that ptune did not write: `ptune report` runs on
+    any folder of runs, a user's included, so its own earlier report is recognised by its content."""
     for name, ours in SUMMARY_HEADS.items():
         path = root / name
         if not os.path.lexists(path):

@@ -7,10 +7,11 @@ only entries that did not exist then and that ptune or Hydra write (``OUTPUT_NAM
 the folder and its parents are removed only if the run created them and they are left empty. Hydra rewrites
 ``.hydra/`` at every start, so the previous ``.hydra/`` files are kept in memory and put back after a failure.
 
-Folders other than run folders (a search's, a sweep's) are ptune's only if ptune made them, found them empty, or
-they carry ptune's marker file (``MARKER``, written when ptune takes the folder): ``claim`` refuses any other folder
-that holds something, with one line, before anything is written. A run started in a folder of the user's may add
-new names only: ``refuse_replacing`` refuses one that would replace a user's entry (``train_log.csv``, ``.hydra/``).
+A search folder is ptune's only if ptune made it, found it empty, or it carries ptune's marker file (``MARKER``,
+written when ptune takes the folder): ``claim`` refuses any other folder that holds something, with one line,
+before anything is written (a sweep's folder must be new or empty: ptune/cli.py). A run started in a folder of the
+user's may add new names only: ``refuse_replacing`` refuses one that would replace a user's entry (``train_log.csv``,
+``.hydra/``).
 
 The lock is an OS file lock (``flock``) on ``.ptune.lock`` inside the folder: the kernel releases it when the
 process ends in any way, kill -9 included, so a crashed run never leaves a stale lock behind. The lock file holds
@@ -37,7 +38,7 @@ from .errors import PtuneError
 
 LOCK_NAME = ".ptune.lock"
 HYDRA_DIR = ".hydra"
-MARKER = ".ptune-folder"  # in a folder ptune made or took empty (a search's, a sweep's): ptune may write there
+MARKER = ".ptune-folder"  # in a folder ptune made or took empty (a search's): ptune may write there
 MLFLOW_DB = "mlflow.db"  # the default MLflow store (ptune/tracking.py) and its artifacts, beside the runs
 MLFLOW_ARTIFACTS = "mlartifacts"
 # Everything a run writes into its folder (besides Hydra's log and temporaries); a failed run may remove these,
