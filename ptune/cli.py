@@ -93,7 +93,9 @@ def preflight(cfg) -> runfolder.RunFolder:
         )
     if resume and "results.json" in folder.entries_before and "resume" not in folder.entries_before:
         raise PtuneError(f"run {str(run_dir)!r} is finished (results.json): nothing to resume, nothing changed")
-    if not found:  # a new run: into a folder of the user's it may add new names, never replace one
+    # A new run adds new names only to a folder of the user's. A lock file (nobody holds it: checked above) marks
+    # the leftovers of a ptune run killed before its first evaluation, which a new or resumed run may replace.
+    if not found and runfolder.LOCK_NAME not in folder.entries_before:
         runfolder.refuse_replacing(folder, new_run_names(cfg), "hydra.run.dir")
     return folder
 

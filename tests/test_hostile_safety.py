@@ -385,12 +385,17 @@ def trained(tiny_models, tmp_path_factory) -> Path:
     return run
 
 
-@pytest.mark.parametrize("case", ["output is the input", "output is a user's file", "output links to the input"])
+PREDICT_CASES = ["output is the input", "output is the input, shaped like predictions", "output is a user's file",
+                 "output links to the input"]
+
+
+@pytest.mark.parametrize("case", PREDICT_CASES)
 def test_predict_never_replaces_a_users_file(case, trained, tmp_path, capsys):
     """Item 6: --output equal to --input replaced the input with the predictions."""
-    folder = user_folder(tmp_path / "mine", {"f.jsonl": '{"text_a": "nice"}\n', "notes.txt": "mine\n"})
-    output = {"output is the input": folder / "f.jsonl", "output is a user's file": folder / "notes.txt",
-              "output links to the input": folder / "link.jsonl"}[case]
+    line = '{"index": 0, "checkpoint": "mine", "text_a": "nice"}' if "shaped" in case else '{"text_a": "nice"}'
+    folder = user_folder(tmp_path / "mine", {"f.jsonl": line + "\n", "notes.txt": "mine\n"})
+    output = folder / {"output is a user's file": "notes.txt", "output links to the input": "link.jsonl"}.get(
+        case, "f.jsonl")
     if case == "output links to the input":
         output.symlink_to("f.jsonl")
     before = listing(folder)
