@@ -45,11 +45,13 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(directory: Path) -> Iterator[Path]:
+def atomic_folder(directory: Path, owns_old: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success swap it in for ``directory``.
 
     The previous folder is kept as ``.<name>.old`` until the new one is in place, so a kill at any moment
     leaves one complete version (readers fall back to ``.old`` when ``directory`` is missing: ``readable_folder``).
+    ``owns_old``: a ``.<name>.old`` already there is a killed swap's leftover, removed once the new version is in
+    (in a run folder); False where that name may be a user's (an export's parent folder): then it stays.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -58,11 +60,13 @@ def atomic_folder(directory: Path) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o755)
         old = previous_version(directory)
-        if directory.exists():
+        replacing = directory.exists()
+        if replacing:
             shutil.rmtree(old, ignore_errors=True)
             os.replace(directory, old)
         os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        if replacing or owns_old:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -14,6 +14,8 @@ from .errors import PtuneError, one_line
 from .show import show_template_main
 
 EXIT_USER_ERROR = 2
+# Hydra's log of a run, in its folder: Hydra names the job after the file of the task function (this one).
+JOB_LOG = "cli.log"
 
 
 def fail(message: str) -> None:
@@ -47,7 +49,7 @@ def resume_run(argv: list[str]) -> dict:
     folder = runfolder.RunFolder.survey(run)
     try:
         results = run_training(cfg, run)
-    except PtuneError:
+    except BaseException:  # a failure, a crash or Ctrl-C: the folder as it was, byte for byte
         folder.undo()
         raise
     print(f"done: {results['metric']} {results['best_metric']:.4f} (step {results['best_step']}); run folder {run}")
@@ -56,8 +58,18 @@ def resume_run(argv: list[str]) -> dict:
 
 def _pin(argv: list[str], key: str, value: str) -> list[str]:
     """Replace any override of ``key`` by ``key=value``: Hydra's run and sweep folders are pinned to the ones
-    resolved before the start (their ${now:} would otherwise be resolved again, a second later)."""
-    return [*(a for a in argv if not a.lstrip("+").startswith(f"{key}=")), f"{key}={value}"]
+    resolved before the start (their ${now:} would otherwise be resolved again, a second later). The value is
+    quoted, so a folder named with spaces, braces, commas or quotes reaches Hydra unchanged."""
+    return [*(a for a in argv if not a.lstrip("+").startswith(f"{key}=")), f"{key}={hydra_quote(value)}"]
+
+
+def hydra_quote(value: str) -> str:
+    """``value`` as a Hydra quoted string: a quote is escaped by a backslash, and backslashes right before a quote
+    or at the end are doubled (elsewhere Hydra reads them literally)."""
+    import re
+
+    body = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", value)
+    return "'" + re.sub(r"(\\+)$", lambda m: m[1] * 2, body) + "'"
 
 
 def preflight(cfg) -> runfolder.RunFolder:
@@ -83,7 +95,36 @@ def preflight(cfg) -> runfolder.RunFolder:
         )
     if resume and "results.json" in folder.entries_before and "resume" not in folder.entries_before:
         raise PtuneError(f"run {str(run_dir)!r} is finished (results.json): nothing to resume, nothing changed")
+    # A new run adds new names only to a folder of the user's. A lock file (nobody holds it: checked above) marks
+    # the leftovers of a ptune run killed before its first evaluation, which a new or resumed run may replace.
+    if not found and runfolder.LOCK_NAME not in folder.entries_before:
+        runfolder.refuse_replacing(folder, new_run_names(cfg), "hydra.run.dir")
     return folder
+
+
+def new_run_names(cfg) -> list[str]:
+    """What a new run writes into its folder (``runfolder.OUTPUT_NAMES``, Hydra's log), less the lock file (a
+    killed run's is reused) and MLflow's default store unless this run opens it there."""
+    from omegaconf import OmegaConf
+
+    names = [n for n in runfolder.OUTPUT_NAMES if n != runfolder.LOCK_NAME] + [JOB_LOG]
+    loggers = OmegaConf.select(cfg, "trainer.loggers") or []
+    if "mlflow" not in loggers or OmegaConf.select(cfg, "trainer.mlflow_uri"):
+        names = [n for n in names if n not in (runfolder.MLFLOW_DB, runfolder.MLFLOW_ARTIFACTS)]
+    return names
+
+
+def claim_sweep_dir(sweep_dir: str) -> runfolder.RunFolder:
+    """A multirun's folder must be new or empty: its jobs 0/, 1/, ... and summary.* would replace a user's files
+    or an earlier sweep's runs. Returns what existed, to undo a sweep that ends before its first job."""
+    found = runfolder.RunFolder.survey(Path(sweep_dir))
+    runfolder.check_writable(found.path, "hydra.sweep.dir")
+    if found.entries_before:
+        raise PtuneError(
+            f"hydra.sweep.dir={sweep_dir!r} is not empty (it holds {runfolder.list_names(found.entries_before)}): "
+            "name a new folder for the sweep; ptune never writes a sweep over files or earlier runs"
+        )
+    return found
 
 
 def pin_sweep_dir(argv: list[str]) -> str | None:
@@ -121,6 +162,14 @@ def compose_run(argv: list[str]):
     return composed
 
 
+def _sweep_started(sweep_dir: Path) -> bool:
+    """Whether a job folder exists in the sweep: those are the sweep's results, kept whatever happens next."""
+    try:
+        return any(e.name != "multirun.yaml" for e in sweep_dir.iterdir())
+    except OSError:
+        return False
+
+
 def train_main(argv: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -139,6 +188,8 @@ def train_main(argv: list[str]) -> None:
     sweep_dir = pin_sweep_dir(argv) if multirun else None
     if sweep_dir is not None:
         argv = _pin(argv, "hydra.sweep.dir", sweep_dir)
+        if os.environ.get("RANK", "0") == "0" and not any(a in ("-sc", "--shell-completion") for a in argv):
+            folder = claim_sweep_dir(sweep_dir)
     if not multirun and not any(a.startswith("-") for a in argv):
         composed = compose_run(argv)
         if os.environ.get("RANK", "0") == "0":
@@ -158,9 +209,7 @@ def train_main(argv: list[str]) -> None:
                 print(f"ptune: job {out} failed: {exc}", file=sys.stderr)
                 (out / "FAILED").write_text(str(exc) + "\n")
                 return None
-            if folder is not None and not (out / "checkpoint").exists():
-                folder.undo(extra_names=(f"{HydraConfig.get().job.name}.log",))
-            fail(str(exc))
+            fail(str(exc))  # train_main undoes what the run wrote
         except Exception as exc:  # noqa: BLE001 - in a sweep any crash fails only its own job
             if not multirun:
                 raise
@@ -182,7 +231,14 @@ def train_main(argv: list[str]) -> None:
     completing = any(a in ("-sc", "--shell-completion") for a in argv)
     # Hydra names the program after argv[0]: "ptune train" in help, but the completion it installs is for `ptune`
     sys.argv = ["ptune" if completing else "ptune train", *argv]
-    _run()
+    try:
+        _run()
+    except BaseException:  # a failure, a crash, Ctrl-C: undo what this start wrote (a saved checkpoint stays)
+        if folder is not None and not multirun and not (folder.path / "checkpoint").exists():
+            folder.undo(extra_names=(JOB_LOG,))
+        elif folder is not None and multirun and not _sweep_started(folder.path):
+            folder.undo(extra_names=("multirun.yaml",))
+        raise
     distributed.cleanup()
     if sweep_dir is not None and Path(sweep_dir).is_dir():
         from .report import sweep_outcome

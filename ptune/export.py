@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .atomic import atomic_folder
+from .atomic import atomic_folder, previous_version
 from .errors import PtuneError
 from .template import SOFT_ID
 
+MANIFEST = "ptune_export.json"  # what marks a folder as a ptune export
 PROBES = [
     {"text_a": "a gorgeous , witty , seductive movie .", "text_b": "it is good ."},
     {"text_a": "the acting is just bad", "text_b": "nothing works ."},
@@ -145,18 +147,54 @@ def verify(task, out: Path, drop: int) -> float:
     return worst
 
 
+# Everything an export writes: a folder holding anything else is not (only) ptune's, and is never replaced.
+EXPORT_NAMES = frozenset({"adapter_config.json", "adapter_model.safetensors", "ptune_head.safetensors", MANIFEST})
+
+
+def check_output(out: Path) -> None:
+    """``--output`` must be writable and new, empty, or an earlier ptune export holding only ptune's files (the
+    whole folder is swapped for the new export); when there is one, the sibling that swap keeps the old version
+    in (``.<name>.old``) must be absent or ptune's too."""
+    from .runfolder import check_writable, list_names
+
+    check_writable(out, "--output")
+    if not out.exists():
+        entries = set()
+    else:
+        try:
+            entries = {e.name for e in out.iterdir()}
+        except OSError as exc:
+            raise PtuneError(f"--output {str(out)!r} cannot be read: {exc.strerror or exc}") from None
+    if entries and MANIFEST not in entries:
+        raise PtuneError(
+            f"--output {str(out)!r} already exists and is not a ptune export: name a new folder "
+            "(ptune replaces only its own earlier exports)"
+        )
+    foreign = entries - EXPORT_NAMES
+    if foreign:
+        raise PtuneError(
+            f"--output {str(out)!r} is an earlier ptune export that also holds {list_names(foreign)}, which ptune "
+            "did not write and would delete: move them away or name a new folder"
+        )
+    old = previous_version(out)
+    if entries and os.path.lexists(old) and not (old.is_dir() and {e.name for e in old.iterdir()} <= EXPORT_NAMES):
+        raise PtuneError(
+            f"{str(old)!r} exists and is not ptune's (an export swap keeps the old version there): move it away "
+            "or name another --output"
+        )
+
+
 def export_peft(path: str | Path, output: str | Path, overrides: list[str] | None = None, check: bool = True) -> dict:
     peft = _peft()
     from safetensors.torch import save_file
 
     from .inference import load_task
 
+    out = Path(output)
+    check_output(out)  # before the checkpoint is loaded and verified: a bad --output costs no waiting
     task, cfg, ckpt, meta = load_task(path, overrides or [])
     model = task.model.cpu().eval()
     backbone = model.backbone
-    out = Path(output)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "ptune_export.json").exists())):
-        raise PtuneError(f"output {str(out)!r} exists and is not an empty folder or an earlier ptune export")
     common = dict(
         task_type=model.family.peft_task_type,
         base_model_name_or_path=str(task.backbone.identity.get("name_or_path") or cfg.backbone.name),
@@ -246,12 +284,8 @@ def export_peft(path: str | Path, output: str | Path, overrides: list[str] | Non
     else:
         raise PtuneError(f"method {task.method.name} has no exportable prompt tensors")
 
-    if out.exists() and not (out / "ptune_export.json").is_file():
-        raise PtuneError(
-            f"--output {str(out)!r} already exists and is not a ptune export: name a new folder "
-            "(ptune replaces only its own earlier exports)"
-        )
-    with atomic_folder(out) as tmp:
+    check_output(out)  # again: loading took a while
+    with atomic_folder(out, owns_old=False) as tmp:
         config.save_pretrained(str(tmp))
         save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         info["readout"] = _readout_info(task, tmp)
@@ -265,7 +299,7 @@ def export_peft(path: str | Path, output: str | Path, overrides: list[str] | Non
                     f"the PEFT adapter does not reproduce ptune's class scores (max difference {diff:.3g} > {tol})"
                     f"{why}; not exported"
                 )
-        (tmp / "ptune_export.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return info
 
 

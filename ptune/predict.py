@@ -186,13 +186,34 @@ def predict(
     return rows
 
 
-def check_output_path(output: str) -> Path:
-    """Refuse an output path that cannot be written before any model is loaded or any input scored."""
+def is_predictions_file(path: Path) -> bool:
+    """Whether ``path`` holds what ptune predict writes (every line an object with "index" and "checkpoint"): the
+    only existing file --output may replace."""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 1 << 30:
+            return False
+        lines = [x for x in path.read_text(encoding="utf-8").split("\n") if x.strip()]
+        rows = [json.loads(x) for x in lines]
+    except (OSError, ValueError, RecursionError):
+        return False
+    return bool(rows) and all(isinstance(r, dict) and {"index", "checkpoint"} <= r.keys() for r in rows)
+
+
+def check_output_path(output: str, input: str | None = None) -> Path:
+    """Refuse an output path that cannot be written, or that would replace the input or any file ptune predict did
+    not write, before any model is loaded or any input scored."""
     path = Path(output)
     parent = path.parent
     if path.is_dir():
         example = str(path / "predictions.jsonl")
         raise PtuneError(f"--output {output!r} is a folder: give a file path such as {example!r}")
+    if input is not None and os.path.lexists(path) and os.path.realpath(path) == os.path.realpath(input):
+        raise PtuneError(f"--output {output!r} is the --input file: give another file for the predictions")
+    if os.path.lexists(path) and not is_predictions_file(path):
+        raise PtuneError(
+            f"--output {output!r} exists and is not a predictions file of ptune's: give a new file name "
+            "(ptune replaces only its own earlier predictions)"
+        )
     if not parent.exists():
         raise PtuneError(f"--output {output!r}: folder {str(parent)!r} does not exist")
     if not parent.is_dir():
@@ -226,7 +247,7 @@ def predict_main(argv: list[str]) -> None:
     if args.batch_size <= 0:
         raise PtuneError(f"--batch-size {args.batch_size} must be > 0")
     # input and output are checked before loading any model: a bad file should cost no waiting
-    output = check_output_path(args.output) if args.output else None
+    output = check_output_path(args.output, args.input) if args.output else None
     inputs = read_jsonl(args.input) if args.input is not None else []
     if args.generate:
         rows = _generated_rows(args, paths, overrides, inputs)

@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import math
+import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -417,12 +418,40 @@ def plot(path: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+# What a report ptune wrote starts with: an existing summary.* that does not is a user's file, never replaced.
+SUMMARY_HEADS = {
+    "summary.md": lambda head: head.startswith(b"# Sweep report: "),
+    "summary.csv": lambda head: head.split(b"\n", 1)[0].rstrip(b"\r").endswith(b",n_runs,n_failed,seeds,runs"),
+    "summary.png": lambda head: head.startswith(b"\x89PNG\r\n\x1a\n") and b"Matplotlib" in head,
+}
+
+
+def refuse_foreign_summary(root: Path) -> None:
+    """Refuse (one line, nothing written) to replace a summary.* that ptune did not write: `ptune report` runs on
+    any folder of runs, a user's included, so its own earlier report is recognised by its content."""
+    for name, ours in SUMMARY_HEADS.items():
+        path = root / name
+        if not os.path.lexists(path):
+            continue
+        try:
+            with path.open("rb") as fh:
+                head = fh.read(4096)
+        except OSError:
+            head = b""
+        if path.is_symlink() or not path.is_file() or not ours(head):
+            raise PtuneError(
+                f"{str(path)!r} is not a report ptune wrote: ptune report would replace it; move it away "
+                "(ptune never replaces files it did not write)"
+            )
+
+
 def write_report(root: str | Path, *, print_it: bool = True) -> dict[str, Any]:
     """Write summary.csv, summary.md and summary.png into ``root``; returns the summary."""
     root = Path(root)
     if not root.is_dir():
         raise PtuneError(f"{str(root)!r} is not a folder")
     keys, rows, failed = summarise(root)
+    refuse_foreign_summary(root)
     atomic_write_text(root / "summary.csv", to_csv(keys, rows))
     atomic_write_text(root / "summary.md", to_markdown(root, keys, rows, failed))
     png_error = None

@@ -30,6 +30,8 @@ import dataclasses
 import datetime
 import io
 import math
+import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -47,8 +49,87 @@ DB = "optuna.db"
 SAVED = "search.yaml"
 
 
+TRIAL = re.compile(r"trial_(\d+)")
+
+
 def storage_url(folder: Path) -> str:
-    return f"sqlite:///{Path(folder).resolve() / DB}"
+    return runfolder.sqlite_url(Path(folder) / DB)
+
+
+def open_study(folder: Path, **create: Any):
+    """The study of ``folder``: loaded, or created (``load_if_exists``) when ``create`` gives the direction and
+    sampler. A damaged ``optuna.db`` is one line naming it, not a SQLAlchemy traceback."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        if create:
+            return optuna.create_study(storage=storage_url(folder), study_name=STUDY, load_if_exists=True, **create)
+        return optuna.load_study(study_name=STUDY, storage=storage_url(folder))
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy and Optuna raise many types for a damaged store
+        raise unreadable(Path(folder) / DB, exc) from None
+
+
+def unreadable(db: Path, exc: Exception) -> PtuneError:
+    return PtuneError(
+        f"{str(db)!r} is not a readable Optuna study ({one_line(exc, 160)}): ptune changed nothing; restore it "
+        "from a copy, or start a new search in a new search.dir"
+    )
+
+
+def _older_search(folder: Path) -> bool:
+    """A search folder of a ptune older than ``runfolder.MARKER``: its saved settings and its study."""
+    from .checkpoint import load_plain_yaml
+
+    if not (folder / DB).is_file():
+        return False
+    try:
+        saved = load_plain_yaml(folder / SAVED)
+    except Exception:  # noqa: BLE001 - not ptune's settings: the folder is not an older ptune search
+        return False
+    return all(k in saved for k in ("name", "search", "overrides"))
+
+
+def check_trials_match_study(folder: Path) -> None:
+    """Refuse, changing nothing, a folder whose trial folders the study does not know: its ``optuna.db`` was lost,
+    emptied or replaced, and a new study would number its trials from 0 again over the finished ones."""
+    db = folder / DB
+    if not folder.is_dir():
+        return
+    known = known_trials(db) if db.is_file() else None
+    stray = sorted((e.name for e in folder.iterdir() if (m := TRIAL.fullmatch(e.name)) and int(m[1]) >= (known or 0)),
+                   key=lambda n: int(n.split("_")[1]))
+    if stray:
+        has = (f"knows only {known} trial(s)" if known else "holds no trial" if known == 0
+               else "holds no study" if db.exists() else "is missing")
+        raise PtuneError(
+            f"search folder {str(folder)!r} holds {runfolder.list_names(stray)} but its study {str(db)!r} {has}: "
+            "a search would number new trials over them. Nothing changed; the trials are in "
+            f"{str(folder / stray[0])!r}: restore optuna.db, or name a new search.dir"
+        )
+
+
+def known_trials(db: Path) -> int | None:
+    """How many trials the study ``ptune`` in ``db`` holds, read without writing (Optuna would add its tables to
+    any SQLite file it opens); None when the file holds no such study."""
+    import sqlite3
+    import urllib.parse
+
+    if db.stat().st_size == 0:
+        return None
+    try:
+        con = sqlite3.connect("file:" + urllib.parse.quote(os.path.abspath(db)) + "?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
+            if not {"studies", "trials"} <= tables:
+                return None
+            row = con.execute("select study_id from studies where study_name = ?", (STUDY,)).fetchone()
+            return None if row is None else con.execute(
+                "select count(*) from trials where study_id = ?", (row[0],)).fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise unreadable(db, exc) from None
 
 
 def sampler_seed(seed: int, trials: int) -> int:
@@ -160,14 +241,18 @@ def _first_values(spec: config.SearchConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------- run
 def search_main(argv: list[str]) -> Path:
     """`ptune search` (and ``ptune.search``); returns the search folder."""
+    from .inference import override_value
+
     resume_dir = None
     if argv[:1] == ["--resume"]:
         if len(argv) < 2:
             raise PtuneError("usage: ptune search --resume DIR [search.n_trials=N]")
         resume_dir, argv = Path(argv[1]), argv[2:]
     search_args, user = _split_args(argv)
-    given_dir = next((a.split("=", 1)[1] for a in search_args if a.startswith("search.dir=")), None)
+    given_dir = next((str(override_value(a)) for a in search_args if a.startswith("search.dir=")), None)
     folder = resume_dir or (Path(given_dir) if given_dir else None)
+    if folder is not None:  # a folder of the user's (or another search's trials): refused before it is read
+        runfolder.claim(folder, "search.dir", ours=_older_search)
     if folder is not None and (folder / SAVED).is_file():  # continue: the saved space and overrides
         name, spec, user = _resume(folder, search_args, user)
     else:
@@ -183,9 +268,18 @@ def search_main(argv: list[str]) -> Path:
 def _resume(folder: Path, search_args: list[str], user: list[str]):
     from .checkpoint import load_plain_yaml
 
-    saved = load_plain_yaml(folder / SAVED)
-    name = str(saved["name"])
-    raw = OmegaConf.to_container(saved["search"])
+    try:
+        saved = load_plain_yaml(folder / SAVED)
+        name = str(saved["name"])
+        raw = OmegaConf.to_container(saved["search"])
+        saved_overrides = list(saved["overrides"])
+        if not isinstance(raw, dict):
+            raise ValueError("search is not a mapping")
+    except Exception as exc:  # noqa: BLE001 - YAML, missing keys, wrong types: the file is not ptune's settings
+        raise PtuneError(
+            f"{str(folder / SAVED)!r} is not the search settings ptune writes ({one_line(exc, 120)}): expected "
+            "name, search and overrides; nothing changed"
+        ) from None
     from .inference import override_value
 
     for a in search_args:
@@ -196,10 +290,14 @@ def _resume(folder: Path, search_args: list[str], user: list[str]):
             if override_value(a) != raw.get(key.split(".", 1)[1]):
                 raise PtuneError(f"a resumed search keeps its settings: {a!r} differs from the saved "
                                  f"{raw.get(key.split('.', 1)[1])!r}; only search.n_trials can change")
-    kept = list(saved["overrides"])
+    kept = saved_overrides
     if user and user != kept:
         raise PtuneError(f"a resumed search keeps its trial overrides ({' '.join(kept) or 'none'}): drop {user}")
-    return name, config.SearchConfig(**raw), kept
+    try:
+        spec = config.SearchConfig(**raw)
+    except TypeError as exc:
+        raise PtuneError(f"{str(folder / SAVED)!r} does not hold ptune's search settings: {exc}") from None
+    return name, spec, kept
 
 
 def run_search(folder: Path, name: str, spec: config.SearchConfig, user: list[str]) -> None:
@@ -210,16 +308,23 @@ def run_search(folder: Path, name: str, spec: config.SearchConfig, user: list[st
 
     compose_trial(trial_overrides(spec, user, _first_values(spec)))  # every key and value checked first
     dists = distributions(spec.params)
-    runfolder.check_writable(folder)
-    runfolder.acquire(folder)  # one search per folder
-    saved = {"name": name, "search": {**dataclasses.asdict(spec), "dir": str(folder)},
-             "overrides": user}
-    atomic_write_text(folder / SAVED, OmegaConf.to_yaml(OmegaConf.create(saved)))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(storage=storage_url(folder), study_name=STUDY, direction=spec.direction,
-                                load_if_exists=True)
-    seed = sampler_seed(spec.seed, len(study.get_trials(deepcopy=False)))
-    study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.n_startup_trials)
+    found = runfolder.claim(folder, "search.dir", ours=_older_search)  # new, empty or ptune's; writable
+    holder = runfolder.holder_of(folder)
+    if holder:
+        raise PtuneError(f"search folder {str(folder)!r} is in use by another ptune search ({holder})")
+    check_trials_match_study(folder)
+    try:  # nothing is written before the checks above; a failure from here until the first trial undoes it all
+        runfolder.acquire(folder)  # one search per folder
+        runfolder.mark(folder, "search")
+        study = open_study(folder, direction=spec.direction)
+        seed = sampler_seed(spec.seed, len(study.get_trials(deepcopy=False)))
+        study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.n_startup_trials)
+        saved = {"name": name, "search": {**dataclasses.asdict(spec), "dir": str(folder)},
+                 "overrides": user}
+        atomic_write_text(folder / SAVED, OmegaConf.to_yaml(OmegaConf.create(saved)))
+    except BaseException:
+        found.undo(extra_names=(DB, f"{DB}-journal", SAVED, runfolder.MARKER))
+        raise
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # left by a killed search
         study.tell(t.number, state=TrialState.FAIL)
     done = lambda: len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)))  # noqa: E731
@@ -228,6 +333,10 @@ def run_search(folder: Path, name: str, spec: config.SearchConfig, user: list[st
     while done() < spec.n_trials:
         trial = study.ask(dists)
         run_dir = folder / f"trial_{trial.number:03d}"
+        if os.path.lexists(run_dir):  # another process put it there since the check: never write into it
+            study.tell(trial, state=TrialState.FAIL)
+            raise PtuneError(f"{str(run_dir)!r} already exists but the study has no trial {trial.number}: "
+                             "ptune wrote nothing into it; name a new search.dir")
         trial.set_user_attr("run_dir", run_dir.name)
         overrides = trial_overrides(spec, user, trial.params)
         print(f"ptune search: trial {trial.number} ({done() + 1}/{spec.n_trials}): "
@@ -271,12 +380,10 @@ def is_search(folder: Path) -> bool:
 
 def write_search_report(folder: Path):
     """search.csv, search.md, search.png and a table on the terminal; returns the best FrozenTrial or None."""
-    import optuna
     from optuna.trial import TrialState
 
     folder = Path(folder)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=STUDY, storage=storage_url(folder))
+    study = open_study(folder)
     trials = study.get_trials(deepcopy=False)
     keys = list(dict.fromkeys(k for t in trials for k in t.params))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -386,6 +493,7 @@ def _print_table(trials, keys: list[str], best, metric: str) -> None:
 
 
 def report_search_main(folder: Path) -> None:
+    runfolder.claim(folder, "ptune report", ours=_older_search)  # a folder with an optuna.db that is not ptune's
     if write_search_report(folder) is None:
         print(f"ptune: no trial of {folder} has finished", file=sys.stderr)
 

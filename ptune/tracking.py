@@ -27,18 +27,39 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .atomic import atomic_write_json, atomic_write_text
-from .errors import PtuneError
+from .errors import PtuneError, one_line
 from .metrics import plot_curves, scalars
+from .runfolder import MLFLOW_ARTIFACTS, MLFLOW_DB, sqlite_url
 
 LOGGERS = ("csv", "tensorboard", "mlflow")
 CSV_NAME = "train_log.csv"
 MLFLOW_JSON = "mlflow.json"
 
 
-def default_mlflow_uri(out_dir: Path) -> str:
+def default_mlflow_db(out_dir: Path) -> Path:
+    """MLflow's default store: ``mlflow.db`` in the ``outputs/`` folder above the run, else in the run folder."""
     out = Path(out_dir).resolve()
     base = next((p for p in (out, *out.parents) if p.name == "outputs"), out)
-    return f"sqlite:///{base / 'mlflow.db'}"
+    return base / MLFLOW_DB
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a local SQLite tracking URI (escaped or not), None for any other store."""
+    if not uri.startswith("sqlite"):
+        return None
+    try:
+        from sqlalchemy.engine import make_url
+
+        database = make_url(uri).database
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy reads: MLflow will say what is wrong with it
+        return None
+    return Path(database) if database and database != ":memory:" else None
+
+
+def _legacy_uri(uri: str) -> str:
+    """How ptune before ``sqlite_url`` wrote a SQLite store's URI in mlflow.json (a resumed old run matches it)."""
+    db = sqlite_path(uri)
+    return f"sqlite:///{db}" if db is not None else uri
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -61,6 +82,13 @@ class Tracker:
         self._mlflow = None
         self._pending: list = []
         self._artifacts: Path | None = None
+        for name, kind, needed in ((CSV_NAME, "file", self._csv), ("tensorboard", "folder", "tensorboard" in loggers)):
+            path = self.out_dir / name
+            if needed and path.exists() and (path.is_dir() if kind == "file" else not path.is_dir()):
+                raise PtuneError(
+                    f"{str(path)!r} is a {'folder' if kind == 'file' else 'file'} where the run writes its {name} "
+                    f"{kind}: move it away or name another hydra.run.dir"
+                )
         if "tensorboard" in loggers:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -70,11 +98,20 @@ class Tracker:
                 ) from None
             self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
         if "mlflow" in loggers:
-            uri = mlflow_uri or default_mlflow_uri(self.out_dir)
+            db = sqlite_path(mlflow_uri) if mlflow_uri else default_mlflow_db(self.out_dir)
+            uri = mlflow_uri or sqlite_url(db)
             # artifacts beside a local SQLite store (MLflow's default would be ./mlruns in the current folder)
-            local = uri.startswith("sqlite:///")
-            self._artifacts = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" if local else None
-            self._open_mlflow(cfg, uri)
+            self._artifacts = db.parent / MLFLOW_ARTIFACTS if db is not None else None
+            try:
+                self._open_mlflow(cfg, uri)
+            except PtuneError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a store it cannot use
+                where = f"trainer.mlflow_uri={mlflow_uri!r}" if mlflow_uri else f"the MLflow store {str(db)!r}"
+                raise PtuneError(
+                    f"{where} cannot be used ({one_line(exc, 200)}): give a tracking URI such as "
+                    "sqlite:///path/mlflow.db, file:///path/mlruns or http://host:5000"
+                ) from None
 
     # ---------------------------------------------------------------------------------------------- mlflow
     def _open_mlflow(self, cfg: DictConfig, uri: str) -> None:
@@ -83,12 +120,23 @@ class Tracker:
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise PtuneError("trainer.loggers=[mlflow] needs the mlflow package: pip install mlflow") from None
+        import logging
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines ("Creating ... tables") on stderr
         client = MlflowClient(tracking_uri=uri)
         saved = self.out_dir / MLFLOW_JSON
         run_id = None
         if saved.is_file():  # a resumed ptune run continues its MLflow run
-            info = json.loads(saved.read_text())
-            if info.get("uri") == uri:
+            try:
+                info = json.loads(saved.read_text(encoding="utf-8"))
+                if not isinstance(info, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as exc:
+                raise PtuneError(
+                    f"{str(saved)!r} is not the MLflow run record ptune writes ({one_line(exc, 120)}): it should be "
+                    '{"uri": ..., "run_id": ...}; delete it to start a new MLflow run'
+                ) from None
+            if info.get("uri") in (uri, _legacy_uri(uri)):
                 run_id = info.get("run_id")
         if run_id is None:
             name = str(OmegaConf.select(cfg, "experiment_name", default="default") or "default")

@@ -402,16 +402,20 @@ def test_run_files_survive_a_failure_or_kill_at_every_step(tmp_path, name, write
 
 def test_sweep_report_survives_a_failure_or_kill_at_every_step(tmp_path, monkeypatch):
     # summary.png through the same atomic write, without drawing it (matplotlib would take most of the time)
-    monkeypatch.setattr(report, "plot", lambda path, keys, rows: atomic.atomic_write_bytes(path, repr(rows).encode()))
+    png = b"\x89PNG\r\n\x1a\nMatplotlib "  # what ptune report recognises as its own summary.png
+    monkeypatch.setattr(report, "plot",
+                        lambda path, keys, rows: atomic.atomic_write_bytes(path, png + repr(rows).encode()))
     sweep = tmp_path / "sweep"
     names = ("summary.csv", "summary.md", "summary.png")
+    old = {"summary.csv": b"metric,n_runs,n_failed,seeds,runs\nold\n", "summary.md": b"# Sweep report: old\n",
+           "summary.png": png + b"old"}  # an earlier report of ptune's (it never replaces a user's summary.*)
 
     def prepare():
         shutil.rmtree(sweep, ignore_errors=True)
         for i, seed in enumerate((0, 1)):
             fake_run(sweep / str(i), [f"trainer.seed={seed}"], best_metric=0.5 + i / 10)
         for n in names:
-            (sweep / n).write_text("old report\n")
+            (sweep / n).write_bytes(old[n])
 
     prepare()
     report.write_report(sweep, print_it=False)
@@ -420,7 +424,7 @@ def test_sweep_report_survives_a_failure_or_kill_at_every_step(tmp_path, monkeyp
     def check(label, completed):
         got = {n: (sweep / n).read_bytes() for n in names}
         # each file is whole: the old report or the new one (files written before the failure are new)
-        assert all(got[n] in (b"old report\n", new[n]) for n in names), label
+        assert all(got[n] in (old[n], new[n]) for n in names), label
         if completed:
             assert got == new, label
         assert not label.startswith("fail") or not _temporaries(sweep), label

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from ptune.cli import compose
 from ptune.errors import PtuneError
 from ptune.metrics import classification_metrics, expected_calibration_error
+from ptune.runfolder import sqlite_url
 from ptune.train import run_training
 
 from .test_cli import csv_overrides, ptune
@@ -107,7 +108,7 @@ def test_mlflow_store_shows_params_metrics_and_the_checkpoint(tiny_models, tiny_
     res = run_training(_cfg(tiny_models, tiny_csv, "trainer.max_steps=3", "trainer.eval_every=3",
                             "trainer.loggers=[mlflow]"), run)
     info = json.loads((run / "mlflow.json").read_text())
-    assert info["uri"] == f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
+    assert info["uri"] == sqlite_url(tmp_path / "outputs" / "mlflow.db")
     client = MlflowClient(tracking_uri=info["uri"])
     got = client.get_run(info["run_id"])
     assert got.info.status == "FINISHED"
