@@ -14,11 +14,24 @@ from .errors import PtuneError, one_line
 from .show import show_template_main
 
 EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     print(f"ptune: error: {message}", file=sys.stderr)
-    raise SystemExit(EXIT_USER_ERROR)
+    raise SystemExit(code)
+
+
+def run_failed(exc: Exception) -> None:
+    """A single run that stopped on an error other than a PtuneError (a library's, a bug): one line naming it and
+    exit 1, rather than Hydra's "Set the environment variable HYDRA_FULL_ERROR=1" epilogue or a bare traceback.
+    Hydra's own switch HYDRA_FULL_ERROR=1 still shows the full traceback (the caller re-raises)."""
+    fail(f"the run failed: {type(exc).__name__}: {one_line(exc, 500)} (HYDRA_FULL_ERROR=1 shows the traceback)",
+         EXIT_RUN_FAILED)
+
+
+def _full_error() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 def _quiet() -> None:
@@ -49,6 +62,11 @@ def resume_run(argv: list[str]) -> None:
     except PtuneError:
         folder.undo()
         raise
+    except Exception as exc:  # noqa: BLE001 - any crash: the run folder as it was, one line
+        folder.undo()
+        if _full_error():
+            raise
+        run_failed(exc)
     print(f"done: {results['metric']} {results['best_metric']:.4f} (step {results['best_step']}); run folder {run}")
 
 
@@ -143,7 +161,11 @@ def train_main(argv: list[str]) -> None:
             fail(str(exc))
         except Exception as exc:  # noqa: BLE001 - in a sweep any crash fails only its own job
             if not multirun:
-                raise
+                if folder is not None and not (out / "checkpoint").exists():
+                    folder.undo(extra_names=(f"{HydraConfig.get().job.name}.log",))
+                if _full_error():
+                    raise
+                run_failed(exc)
             import traceback
 
             print(f"ptune: job {out} failed: {one_line(exc)}", file=sys.stderr)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from .helpers import SENTENCES
+from .helpers import PRECISIONS, SENTENCES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -157,6 +157,13 @@ def make_tiny(kind: str, root: Path) -> Path:
 def ptune_cache() -> Path:
     """The session's shared PTUNE_CACHE (see ``_session_cache``), for tests whose own fixtures point it elsewhere."""
     return SESSION_CACHE
+
+
+@pytest.fixture(params=list(PRECISIONS))
+def amp(request) -> torch.dtype | None:
+    """The precision axis of the key invariants: each test that takes ``amp`` runs under fp32 and under bf16
+    autocast forced on (tests/helpers.py ``PRECISIONS``), on any CPU."""
+    return PRECISIONS[request.param]
 
 
 @pytest.fixture(scope="session")

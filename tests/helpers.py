@@ -84,7 +84,26 @@ def batch(task: Task, sentences=SENTENCES, left_pad: bool | None = None):
     return enc, collate(enc, list(range(len(enc))), task.model.pad_id, lp)
 
 
-def logits(task: Task, b) -> torch.Tensor:
+# The suite's precision axis (the ``amp`` fixture of tests/conftest.py): plain fp32, and bf16 autocast forced on
+# whatever the CPU (where it has no bf16 instructions torch emulates it: slower, the same numbers), so that what the
+# tests cover does not depend on the machine that runs them (trainer.precision=auto picks bf16 on CPUs with
+# AVX512-BF16/AMX and on GPUs).
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def amp_context(amp: torch.dtype | None):
+    """The training and evaluation forwards' autocast context (ptune.evaluate.autocast) on CPU."""
+    from ptune.evaluate import autocast
+
+    return autocast(torch.device("cpu"), amp)
+
+
+def close(amp: torch.dtype | None, fp32: float) -> float:
+    """A comparison tolerance: ``fp32`` as given, bf16 that of its 8-bit mantissa (2^-7, about 0.8% relative)."""
+    return fp32 if amp is None else max(fp32, 2**-7)
+
+
+def logits(task: Task, b, amp: torch.dtype | None = None) -> torch.Tensor:
     task.model.eval()
-    with torch.no_grad():
-        return task.model(b["input_ids"], b["attention_mask"], b["answer_pos"])
+    with torch.no_grad(), amp_context(amp):
+        return task.model(b["input_ids"], b["attention_mask"], b["answer_pos"]).float()
