@@ -21,7 +21,8 @@ from ptune.errors import PtuneError
 from .test_cli import csv_overrides, ptune
 from .test_resume import _kill_at_step
 
-FAILING = "dataset.label_names=[negative]"  # passes validation; the data (labels negative, positive) fails inside the run
+# Passes validation; the tiny data (labels negative, positive) fails inside the run, after .hydra/ is written.
+FAILING = "dataset.label_names=[negative]"
 
 
 def _base(tiny_models, tiny_csv) -> list[str]:
