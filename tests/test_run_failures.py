@@ -133,7 +133,12 @@ def test_two_ptune_processes_compete_for_the_lock(tiny_models, tiny_csv, tmp_pat
         before = _snapshot(run)
         cmd = ["train", "--resume", str(run)] if second == "--resume" else [
             "train", *args, "trainer.resume=true", f"hydra.run.dir={run}"]
-        line = _one_error_line(ptune(*cmd, cwd=tmp_path))
+        try:  # refused at once; a second process let in would train for as long as the first one
+            res = subprocess.run([sys.executable, "-m", "ptune", *cmd], cwd=tmp_path, env=ENV, capture_output=True,
+                                 text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the second ptune process was let into the locked run folder")
+        line = _one_error_line(res)
         assert "in use by another ptune run" in line and f"pid {first.pid} " in line, line
         assert first.poll() is None, "the first run still trains"
         assert _snapshot(run) == before
