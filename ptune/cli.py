@@ -14,13 +14,26 @@ from .errors import PtuneError, one_line
 from .show import show_template_main
 
 EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1
 # Hydra's log of a run, in its folder: Hydra names the job after the file of the task function (this one).
 JOB_LOG = "cli.log"
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     print(f"ptune: error: {message}", file=sys.stderr)
-    raise SystemExit(EXIT_USER_ERROR)
+    raise SystemExit(code)
+
+
+def run_failed(exc: Exception) -> None:
+    """A single run that stopped on an error other than a PtuneError (a library's, a bug): one line naming it and
+    exit 1, rather than Hydra's "Set the environment variable HYDRA_FULL_ERROR=1" epilogue or a bare traceback.
+    Hydra's own switch HYDRA_FULL_ERROR=1 still shows the full traceback (the caller re-raises)."""
+    fail(f"the run failed: {type(exc).__name__}: {one_line(exc, 500)} (HYDRA_FULL_ERROR=1 shows the traceback)",
+         EXIT_RUN_FAILED)
+
+
+def _full_error() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 def _quiet() -> None:
@@ -176,7 +189,14 @@ def train_main(argv: list[str]) -> None:
     from omegaconf import DictConfig
 
     if argv[:1] == ["--resume"]:
-        resume_run(argv[1:])
+        try:
+            resume_run(argv[1:])
+        except PtuneError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a crash of the resumed run (already undone): one line
+            if _full_error():
+                raise
+            run_failed(exc)
         return
     refuse_search_overrides(argv)
     from . import distributed
@@ -212,7 +232,9 @@ def train_main(argv: list[str]) -> None:
             fail(str(exc))  # train_main undoes what the run wrote
         except Exception as exc:  # noqa: BLE001 - in a sweep any crash fails only its own job
             if not multirun:
-                raise
+                if _full_error():
+                    raise
+                run_failed(exc)  # train_main undoes what the run wrote
             import traceback
 
             print(f"ptune: job {out} failed: {one_line(exc)}", file=sys.stderr)

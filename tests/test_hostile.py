@@ -530,3 +530,27 @@ def test_eval_overrides_are_typed_like_train_overrides(shared_run, capsys):
     assert code == 0, err
     assert json.loads((shared_run[0] / "eval.json").read_text())["examples"] == 3
     assert_one_line_error(*run_cli(["eval", str(shared_run[0]), "trainer.seed=1,2"], capsys), "give one value")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "dataset:\n  name: ${oc.env:SECRET_TOKEN}\n",  # a mapping's value
+        "dataset:\n  label_names: [negative, '${oc.env:SECRET_TOKEN}']\n",  # inside a list
+        "template:\n  label_words:\n    negative: [[bad, '${oc.env:SECRET_TOKEN}']]\n",  # a list in a list
+    ],
+    ids=["dict-value", "list-item", "nested-list-item"],
+)
+def test_checkpoint_config_interpolation_is_refused_wherever_it_is(tmp_path, monkeypatch, text):
+    """A checkpoint's config.yaml is plain data: an ${oc.env:...} is refused before OmegaConf could resolve it, in
+    a mapping's value and inside lists (kills skipping the list branch of checkpoint._check_plain)."""
+    from ptune.checkpoint import load_plain_yaml
+    from ptune.errors import PtuneError
+
+    monkeypatch.setenv("SECRET_TOKEN", "s3cr3t")
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(PtuneError, match="interpolation") as info:
+        load_plain_yaml(path)
+    assert "s3cr3t" not in str(info.value)
+    assert load_plain_yaml(path, interpolation=True) is not None  # a run's own .hydra/config.yaml may hold them

@@ -50,6 +50,32 @@ def test_metrics_match_hand_computed_values():
     assert m["mcc"] == pytest.approx(mcc)
 
 
+def test_macro_precision_recall_and_weighted_f1_against_the_confusion_matrix():
+    """The three scores trainer.metric can select besides accuracy, macro_f1 and mcc, from their definitions on a
+    confusion matrix where all of them (and macro_f1) differ, so that a swap of any two is caught."""
+    labels = [0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2]
+    preds = [0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 0, 1]
+    logits = torch.nn.functional.one_hot(torch.tensor(preds), 3).float()
+    m = classification_metrics(logits, labels, 3)
+    c = np.zeros((3, 3))
+    for t, p in zip(labels, preds, strict=True):
+        c[t, p] += 1
+    precision = np.diag(c) / c.sum(0)
+    recall = np.diag(c) / c.sum(1)
+    f1 = 2 * precision * recall / (precision + recall)
+    support = c.sum(1)
+    expected = {
+        "macro_precision": precision.mean(),
+        "macro_recall": recall.mean(),
+        "weighted_f1": float((f1 * support).sum() / support.sum()),
+        "macro_f1": f1.mean(),
+    }
+    values = sorted(expected.values())
+    assert all(b - a > 0.01 for a, b in zip(values, values[1:], strict=False)), "the four scores must differ"
+    for name, value in expected.items():
+        assert m[name] == pytest.approx(value), name
+
+
 def test_ece_against_a_direct_computation():
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.45, 0.55]])
     labels = np.array([0, 1, 1, 0])

@@ -2,7 +2,8 @@
 
 For each method x family: only the method's parameters change in training (checked on the weights), every
 trainable parameter gets a non-zero gradient, length 0 equals the bare backbone, a saved prompt reloads to
-identical logits, left/right padding agree, and a batch of one equals its row in a padded batch.
+identical logits, left/right padding agree, and a batch of one equals its row in a padded batch. The first three
+run under fp32 and under bf16 autocast (the ``amp`` fixture).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ptune.checkpoint import save_checkpoint
 from ptune.inference import load_task
 from ptune.template import SOFT_ID
 
-from .helpers import FAMILY_TEMPLATES, LABELS, SENTENCES, batch, logits, make_cfg, make_task
+from .helpers import FAMILY_TEMPLATES, LABELS, SENTENCES, amp_context, batch, close, logits, make_cfg, make_task
 
 FAMILIES = {  # tiny model kind -> template family
     "bert": "mlm",
@@ -44,7 +45,7 @@ def _perturb(task, scale: float = 0.1):
 
 
 @pytest.mark.parametrize("method,kind", GRID)
-def test_only_method_parameters_change(tiny_models, method, kind):
+def test_only_method_parameters_change(tiny_models, method, kind, amp):
     task = make_task(_cfg(tiny_models, method, kind, prompt_length=3))
     model = task.model
     frozen_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
@@ -56,8 +57,9 @@ def test_only_method_parameters_change(tiny_models, method, kind):
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
     _, b = batch(task)
     model.train()
-    out = model(b["input_ids"], b["attention_mask"], b["answer_pos"])
-    torch.nn.functional.cross_entropy(out, b["labels"]).backward()
+    with amp_context(amp):
+        out = model(b["input_ids"], b["attention_mask"], b["answer_pos"])
+    torch.nn.functional.cross_entropy(out.float(), b["labels"]).backward()
     for name, p in trainable.items():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
     assert all(p.grad is None for p in model.backbone.parameters()), "frozen backbone received gradients"
@@ -68,35 +70,35 @@ def test_only_method_parameters_change(tiny_models, method, kind):
         assert not torch.equal(p.detach(), before[name]), f"trainable {name} did not change"
 
 
-def _bare_logits(task, b):
+def _bare_logits(task, b, amp=None):
     """The backbone alone, through its own forward, read out the same way."""
     model, bb = task.model, task.model.backbone
     ids = b["input_ids"]
     assert not (ids == SOFT_ID).any()
     rows = torch.arange(ids.shape[0])
-    with torch.no_grad():
+    with torch.no_grad(), amp_context(amp):
         if model.family == "seq2seq":
             start = bb.config.decoder_start_token_id or 0
             dec = torch.full((ids.shape[0], 1), start, dtype=torch.long)
             vocab = bb(input_ids=ids, attention_mask=b["attention_mask"], decoder_input_ids=dec).logits[:, 0]
-            return model.readout(vocab)
+            return model.readout(vocab).float()
         if task.verbalizer is None:
             hidden = bb(input_ids=ids, attention_mask=b["attention_mask"]).last_hidden_state
-            return model.readout(hidden, b["attention_mask"])
+            return model.readout(hidden, b["attention_mask"]).float()
         kwargs = {}
         if model.family == "causal":
             kwargs["position_ids"] = (b["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         vocab = bb(input_ids=ids, attention_mask=b["attention_mask"], **kwargs).logits[rows, b["answer_pos"]]
-        return model.readout(vocab)
+        return model.readout(vocab).float()
 
 
 @pytest.mark.parametrize("method,kind", [(m, k) for m, k in GRID if m != "ptuning_v1"])
-def test_length_zero_equals_bare_backbone(tiny_models, method, kind):
+def test_length_zero_equals_bare_backbone(tiny_models, method, kind, amp):
     task = make_task(_cfg(tiny_models, method, kind, prompt_length=0))
     _, b = batch(task)
-    got = logits(task, b)
-    ref = _bare_logits(task, b)
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    got = logits(task, b, amp)
+    ref = _bare_logits(task, b, amp)
+    torch.testing.assert_close(got, ref, rtol=0, atol=close(amp, 1e-5))
 
 
 @pytest.mark.parametrize("kind", list(FAMILIES))
@@ -109,15 +111,25 @@ def test_ptuning_v1_without_virtual_tokens_equals_bare_backbone(tiny_models, kin
 
 
 @pytest.mark.parametrize("method,kind", GRID)
-def test_prompt_changes_logits_and_reloads_identically(tiny_models, method, kind, tmp_path):
+def test_prompt_changes_logits_and_reloads_identically(tiny_models, method, kind, tmp_path, amp):
     cfg = _cfg(tiny_models, method, kind, prompt_length=3)
     task = make_task(cfg)
     _perturb(task, 5.0)  # large: on these tiny random models a small deep prompt hardly moves an MLM's scores
     _, b = batch(task)
-    before = logits(task, b)
+    before = logits(task, b, amp)
     save_checkpoint(tmp_path / "checkpoint", task.model, cfg, {"label_names": LABELS})
     reloaded, _, _, _ = load_task(tmp_path)
-    after = logits(reloaded, b)
+    after = logits(reloaded, b, amp)
+    if amp is not None and task.model.tuner.folds_at_save:
+        # A reparameterised prompt (P-tuning v1's encoder, prefix tuning's MLP) is saved as the fp32 vectors it
+        # computes; the live model computes them under autocast. The reference is the live model with its
+        # reparameterisation evaluated in fp32 (what the checkpoint stores): everything else is the same computation.
+        tuner = task.model.tuner
+        with torch.no_grad():
+            vectors, prefixes = tuner.soft_vectors(), tuner.deep_prefixes() if tuner.is_deep else None
+        tuner.soft_vectors, tuner.deep_prefixes = (lambda: vectors), (lambda: prefixes)
+        assert (before - logits(task, b, amp)).abs().max() > 0, "bf16 did not change the reparameterisation"
+        before = logits(task, b, amp)
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
     bare = make_task(
         _cfg(
@@ -130,7 +142,7 @@ def test_prompt_changes_logits_and_reloads_identically(tiny_models, method, kind
     )
     _, b0 = batch(bare)
     spread = float(before.max() - before.min())
-    moved = float((logits(bare, b0) - before).abs().max())  # measured: at least 5% of the spread on every case
+    moved = float((logits(bare, b0, amp) - before).abs().max())  # measured: at least 5% of the spread on every case
     assert moved > 0.02 * spread, f"the prompt moves the scores by {moved:.2e} only ({spread=:.2e})"
 
 

@@ -79,14 +79,16 @@ def _kill_at_step(args: list[str], cwd: Path, step: int) -> bool:
     return False
 
 
-def test_sigkill_and_resume_reproduces_uninterrupted_run(tiny_models, tiny_csv, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sigkill_and_resume_reproduces_uninterrupted_run(tiny_models, tiny_csv, tmp_path, precision):
+    """Under fp32 and under bf16 autocast forced on (precision=auto would pick one by the CPU): bit-identical."""
     straight = tmp_path / "straight"
-    res = ptune("train", *_args(tiny_models, tiny_csv, straight), cwd=tmp_path)
+    res = ptune("train", *_args(tiny_models, tiny_csv, straight), f"trainer.precision={precision}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     interrupted = tmp_path / "interrupted"
     rng = random.Random(1234)
     kills = sorted(rng.sample(range(1, STEPS), 3))
-    args = _args(tiny_models, tiny_csv, interrupted)
+    args = [*_args(tiny_models, tiny_csv, interrupted), f"trainer.precision={precision}"]
     assert _kill_at_step(args, tmp_path, kills[0])
     _check_files_parse(interrupted)
     for step in kills[1:]:

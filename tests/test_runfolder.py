@@ -21,7 +21,8 @@ from ptune.errors import PtuneError
 from .test_cli import csv_overrides, ptune
 from .test_resume import _kill_at_step
 
-FAILING = "trainer.eval_batch_size=0"  # passes Hydra's composition, fails inside the run (after .hydra/ is written)
+# Passes validation; the tiny data (labels negative, positive) fails inside the run, after .hydra/ is written.
+FAILING = "dataset.label_names=[negative]"
 
 
 def _base(tiny_models, tiny_csv) -> list[str]:
@@ -53,7 +54,7 @@ def test_failed_run_keeps_an_existing_folder_and_its_files(tiny_models, tiny_csv
     target.mkdir(parents=True)
     (target / "f").write_text("user data")
     res = ptune("train", *_base(tiny_models, tiny_csv), FAILING, f"hydra.run.dir={target}", cwd=tmp_path)
-    assert "eval_batch_size" in _one_error_line(res)
+    assert "unknown label" in _one_error_line(res)
     assert (target / "f").read_text() == "user data"
     assert sorted(p.name for p in target.iterdir()) == ["f"], "the run's own files are removed, nothing else"
 

@@ -14,7 +14,7 @@ from ptune.inference import load_task
 from ptune.serving import PromptServer
 from ptune.train import checkpoint_meta
 
-from .helpers import SENTENCES, batch, logits, make_cfg, make_task
+from .helpers import SENTENCES, batch, close, logits, make_cfg, make_task
 
 
 def save_prompt(root: Path, name: str, cfg, seed: int = 0) -> Path:
@@ -59,24 +59,24 @@ def make_prompts(tiny_models, kind: str, root: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama", "t5"])
-def test_mixed_batch_equals_each_prompt_alone(tiny_models, tmp_path, kind):
+def test_mixed_batch_equals_each_prompt_alone(tiny_models, tmp_path, kind, amp):
     paths = make_prompts(tiny_models, kind, tmp_path)
     sentences = SENTENCES
     alone = []
     for p in paths:
         task, _, _, _ = load_task(p)
         _, b = batch(task, sentences)
-        alone.append(logits(task, b))
+        alone.append(logits(task, b, amp))
     # Per-prompt results really differ (otherwise the comparison would prove little).
     assert not torch.allclose(alone[0], alone[1], atol=1e-3)
-    server = PromptServer([str(p) for p in paths])
+    server = PromptServer([str(p) for p in paths], precision="fp32" if amp is None else "bf16")
     # Every (sentence, prompt) pair in one interleaved request list; one mixed batch, then small mixed batches.
     requests = [(i, {"text_a": s}) for s in sentences for i in range(len(paths))]
     for batch_size in (len(requests), 5):
         scores = server.scores(requests, batch_size=batch_size)
         for (i, ex), s in zip(requests, scores, strict=True):
             ref = alone[i][sentences.index(ex["text_a"])]
-            torch.testing.assert_close(s, ref, atol=1e-5, rtol=0)
+            torch.testing.assert_close(s.float(), ref, atol=close(amp, 1e-5), rtol=close(amp, 0))
 
 
 def test_per_row_soft_vectors_pad_shorter_prompts(tiny_models):

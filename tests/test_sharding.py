@@ -34,7 +34,12 @@ CASES = {
                          "dataset.max_train_samples=21"],
     # a causal LM with NF4 blocks and a soft prompt (its shared-prefix shortcut is off under sharding)
     "llama-nf4-soft": ["template=sst2_lm", "method=soft_prompt", "backbone.quantize=nf4"],
+    # bf16 autocast forced on (what precision=auto picks on GPUs): checkpointed recomputation inside FSDP2's hooks
+    "bert-head-prefix-bf16": ["template=sst2_head", "template.head_dropout=0.0", "method=prefix",
+                              "trainer.precision=bf16"],
 }
+# Two ranks each sum half the batch: under bf16 autocast the roundings differ by a few bf16 steps.
+TOL = {"bert-head-prefix-bf16": 2e-2}
 
 
 def _overrides(tiny_models, tiny_csv, case: str) -> list[str]:
@@ -62,13 +67,17 @@ def test_sharded_backbone_on_two_ranks_equals_single_process(tiny_models, tiny_c
     b = load_file(str(single_dir / "checkpoint" / "prompt.safetensors"))
     assert a.keys() == b.keys() and any(k.startswith("method.") for k in a)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
-    assert abs(ref["metrics"]["accuracy"] - results["metrics"]["accuracy"]) < 1e-6
+        if case in TOL:  # relative to the tensor's norm (measured: 0.15-0.45% after 6 steps)
+            assert float((a[k] - b[k]).norm() / b[k].norm()) < TOL[case], k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
+    if case not in TOL:
+        assert abs(ref["metrics"]["accuracy"] - results["metrics"]["accuracy"]) < 1e-6
     metrics = [json.loads(x) for x in (sharded_dir / "metrics.jsonl").read_text().splitlines()]
     ref_metrics = [json.loads(x) for x in (single_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [3, 6]
     for m, r in zip(metrics, ref_metrics, strict=True):
-        assert abs(m["loss"] - r["loss"]) < 1e-5
+        assert abs(m["loss"] - r["loss"]) < TOL.get(case, 1e-5)
 
 
 def test_combinations_that_do_not_work_are_one_line_errors():

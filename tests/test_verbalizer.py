@@ -14,7 +14,7 @@ from ptune.inference import load_task
 from ptune.readouts.verbalizer import build_verbalizer
 from ptune.train import checkpoint_meta
 
-from .helpers import LABELS, SENTENCES, batch, logits, make_cfg, make_task
+from .helpers import LABELS, SENTENCES, amp_context, batch, close, logits, make_cfg, make_task
 
 CPU = torch.device("cpu")
 
@@ -258,3 +258,30 @@ def test_training_saves_the_calibration_of_the_saved_prompt(tiny_models, tmp_pat
 
     ev = evaluate_checkpoint(tmp_path / "run", [f"dataset.dev_file={tmp_path / 'd.csv'}"])
     assert abs(ev["accuracy"] - res["metrics"]["accuracy"]) < 1e-9
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma3"])
+def test_causal_mean_of_multi_piece_words_matches_the_full_vocabulary(tiny_models, kind, amp):
+    """Causal backbones score only the label words' rows of the LM head (``label_rows_only``); with
+    multi_token=mean and multi-piece words (un ##watch ##able) each class is still the mean of its words' mean
+    piece logits over the full vocabulary, as the plain backbone computes them (a wrong row gives other scores)."""
+    words = {"negative": ["unwatchable", "bad"], "positive": ["great", "breathtaking"]}
+    cfg = make_cfg(tiny_models[kind], "soft_prompt", family="causal", prompt_length=0)
+    cfg.template.label_words = words
+    cfg.template.multi_token = "mean"
+    task = make_task(cfg)
+    assert task.model.family.label_rows_only
+    tok = task.backbone.tokenizer
+    pieces = {w: ids_of(tok, w) for ws in words.values() for w in ws}
+    assert len(pieces["unwatchable"]) == 3 and len(pieces["breathtaking"]) > 1, pieces
+    _, b = batch(task)
+    got = logits(task, b, amp)
+    bb = task.model.backbone
+    positions = (b["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), amp_context(amp):
+        full = bb(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=positions).logits
+    full = full[torch.arange(len(full)), b["answer_pos"]].float()  # [B, V]
+    expected = torch.stack(
+        [torch.stack([full[:, pieces[w]].mean(-1) for w in words[c]]).mean(0) for c in LABELS], -1
+    )
+    torch.testing.assert_close(got, expected, rtol=close(amp, 1e-5), atol=close(amp, 1e-5))

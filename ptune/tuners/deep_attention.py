@@ -154,7 +154,7 @@ def recording(keep_grad: bool = False) -> Iterator[dict[int, tuple[torch.Tensor,
 
 
 def recomputation_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    """``context_fn`` for ``torch.utils.checkpoint``: (forward context, recomputation context).
+    """The deep-prompt part of ``checkpointing.recomputation_contexts``: (forward context, recomputation context).
 
     A checkpointed layer is run again in backward, after ``prefixes()`` has exited (and, on CUDA, on autograd's
     own thread, which never saw the context variable), so the recomputation would attend without the prefixes
