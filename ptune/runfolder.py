@@ -254,6 +254,10 @@ class RunFolder:
         beside the runs, goes with a parent the run created)."""
         if not self.path.is_dir():
             return
+        if holder_of(self.path) is not None:
+            # Another live ptune holds the folder (this start was refused, or lost the race for the lock): what
+            # appeared since the survey is that run's, not ours, so nothing is removed or put back.
+            return
         release(self.path)
         ours = set(OUTPUT_NAMES) | set(extra_names)
         for entry in list(self.path.iterdir()):

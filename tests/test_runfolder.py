@@ -155,6 +155,30 @@ def test_a_second_writer_is_refused_while_a_run_holds_the_folder(tiny_models, ti
     assert res.returncode == 0, res.stderr
 
 
+def test_undo_of_a_start_refused_by_the_lock_leaves_the_live_runs_files(tmp_path):
+    """A second ``ptune train --resume RUN`` that finds the lock held gets a PtuneError and undoes its start; what
+    the live run wrote since the second one surveyed the folder (a first checkpoint, a save's temporary, a new
+    .hydra/ file) is the live run's and must stay."""
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("trainer: {}\n")
+    survey = runfolder.RunFolder.survey(tmp_path)  # the second start looks first ...
+    fd = os.open(tmp_path / runfolder.LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ... while the live run holds the folder and goes on writing
+    try:
+        (tmp_path / "checkpoint").mkdir()
+        (tmp_path / "checkpoint" / "prompt.safetensors").write_bytes(b"weights")
+        (tmp_path / f"{TMP_PREFIX}metrics.jsonl.abc").write_text("{}")
+        (tmp_path / ".hydra" / "overrides.yaml").write_text("[]\n")
+        with pytest.raises(PtuneError, match="in use by another ptune run"):
+            runfolder.acquire(tmp_path)
+        survey.undo()
+        assert (tmp_path / "checkpoint" / "prompt.safetensors").read_bytes() == b"weights"
+        assert (tmp_path / f"{TMP_PREFIX}metrics.jsonl.abc").is_file()
+        assert (tmp_path / ".hydra" / "overrides.yaml").is_file()
+    finally:
+        os.close(fd)
+
+
 def test_lock_is_exclusive_reentrant_and_released(tmp_path):
     runfolder.acquire(tmp_path)
     runfolder.acquire(tmp_path)  # the same process again: fine
