@@ -122,7 +122,9 @@ def broadcast_object(obj):
 
 def hydra_overrides(argv: list[str]) -> list[str]:
     """Under torchrun: all ranks get rank 0's run folder (unless ``hydra.run.dir`` is given) and only rank 0
-    writes Hydra's ``.hydra/`` bookkeeping."""
+    writes into it before training: Hydra's ``.hydra/`` bookkeeping and its log file. The other ranks log to their
+    stdout, because rank 0 checks the folder for files a new run would overwrite (``cli.log`` among them) and may
+    do so after another rank's Hydra has started: that rank's log file was refused as a user's."""
     if env_world_size() <= 1:
         return argv
     if any(a in ("-m", "--multirun") for a in argv):
@@ -133,7 +135,7 @@ def hydra_overrides(argv: list[str]) -> list[str]:
         stamp = broadcast_object(datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S") if d.is_main else None)
         out.append(f"hydra.run.dir=outputs/runs/${{experiment_name}}/{stamp}")
     if not d.is_main:
-        out.append("hydra.output_subdir=null")
+        out += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     return out
 
 

@@ -126,3 +126,19 @@ def test_ddp_two_ranks_equal_single_process(tiny_models, tiny_csv, tmp_path):
     # no temporaries or .old swaps left (the run folder's lock file stays, by design: ptune/runfolder.py)
     assert not any(p.name.startswith(".") and p.name not in (".hydra", LOCK_NAME) for p in ddp_dir.iterdir())
     assert not os.environ.get("WORLD_SIZE")  # the test process itself never joined a group
+
+
+def test_only_rank_0_writes_into_the_shared_run_folder(monkeypatch, tmp_path):
+    """Another rank writes neither ``.hydra/`` nor Hydra's log file into the run folder: rank 0 refuses a folder
+    holding a file a new run would write (``cli.log`` included), and may look after the other rank's Hydra started
+    (the sharding test failed that way, at random)."""
+    from ptune import distributed
+    from ptune.config import compose
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "init", lambda: distributed.Dist(rank=1, world_size=2, local_rank=1,
+                                                                      local_world_size=2))
+    hydra = compose(distributed.hydra_overrides([f"hydra.run.dir={tmp_path}"])).hydra
+    assert hydra.output_subdir is None
+    handlers = hydra.job_logging.get("handlers", {})
+    assert not any("filename" in h for h in handlers.values()), handlers

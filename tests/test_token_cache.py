@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from transformers import AutoTokenizer
 from ptune import token_cache
 from ptune.build import encode
 from ptune.errors import PtuneError
+from ptune.readouts import Readout
 from ptune.template import TemplateRenderer, parse_template
 
 from .helpers import SENTENCES, make_cfg, make_task
@@ -47,8 +49,10 @@ def _renderer(tok, text: str, mode: str = "mask", max_length: int = 64, prepend:
 
 
 def _task(renderer: TemplateRenderer):
-    # encode() reads the renderer, and the readout only to tell a generation target
-    return SimpleNamespace(renderer=renderer, model=SimpleNamespace(readout=None))
+    # encode() reads the renderer and lets the readout add its targets: a class readout's (the base Readout.encode)
+    # keeps the rendered rows and the labels as they are
+    readout = SimpleNamespace(encode=functools.partial(Readout.encode, None))
+    return SimpleNamespace(renderer=renderer, model=SimpleNamespace(readout=readout))
 
 
 def _per_example(renderer: TemplateRenderer, examples) -> tuple[list[list[int]], list[int]]:
