@@ -200,3 +200,110 @@ def test_per_row_prefix_mask_hides_each_rows_padding_slots(mask_kind):
         vr = torch.cat([pv[row][:, keep[row]], v[row][:, key_mask[row]]], 1)
         ref = (q[row] @ kr.transpose(-1, -2) / d**0.5).softmax(-1) @ vr
         torch.testing.assert_close(got[row], ref, rtol=1e-5, atol=1e-5, msg=f"row {row}")
+
+
+# ---------------------------------------------------------------------------------------------- causal decoders
+# The same reference for GPT-2 and Llama: each layer's prompt keys and values go in front of the token keys and
+# values as they are (always visible; no position, so Llama's rotation is applied to the token keys only), the
+# tokens attend causally among themselves, and the tokens' positions skip padding and start at 0 whatever the
+# prompt length (ptune's convention: a deep prompt shifts no position).
+
+
+def _causal_attend(q, k, v, pk, pv, key_mask):
+    """q [B, H, L, D]; k/v [B, KV, L, D] and prefixes pk/pv [KV, P, D], repeated to H heads (grouped queries)."""
+    b, n = key_mask.shape
+    k = torch.cat([pk.unsqueeze(0).expand(b, -1, -1, -1), k], 2).repeat_interleave(q.shape[1] // k.shape[1], 1)
+    v = torch.cat([pv.unsqueeze(0).expand(b, -1, -1, -1), v], 2).repeat_interleave(q.shape[1] // v.shape[1], 1)
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    tokens = torch.ones(n, n, dtype=torch.bool).tril() & key_mask.bool()[:, None, :]  # [B, L, L]
+    visible = torch.cat([torch.ones(b, n, pk.shape[1], dtype=torch.bool), tokens], 2)
+    return scores.masked_fill(~visible[:, None], NEG).softmax(-1) @ v
+
+
+def gpt2_reference(lm, input_ids, mask, prefixes):
+    """Last hidden states (after ``ln_f``) of a GPT2LMHeadModel; ``prefixes`` [layers, 2, heads, P, dim]."""
+    t = lm.transformer
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    h = t.wte(input_ids) + t.wpe(positions)
+    for i, block in enumerate(t.h):
+        heads = block.attn.num_heads
+        q, k, v = (_heads(x, heads) for x in block.attn.c_attn(block.ln_1(h)).split(h.shape[-1], 2))
+        h = h + block.attn.c_proj(_merge(_causal_attend(q, k, v, prefixes[i, 0], prefixes[i, 1], mask)))
+        h = h + block.mlp(block.ln_2(h))
+    return t.ln_f(h)
+
+
+def llama_reference(lm, input_ids, mask, prefixes):
+    """Last hidden states (after the final norm) of a LlamaForCausalLM; ``prefixes`` [layers, 2, kv_heads, P, dim]."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    m, cfg = lm.model, lm.config
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    h = m.embed_tokens(input_ids)
+    cos, sin = m.rotary_emb(h, positions)
+    for i, layer in enumerate(m.layers):
+        attn, x = layer.self_attn, layer.input_layernorm(h)
+        q = _heads(attn.q_proj(x), cfg.num_attention_heads)
+        k, v = (_heads(proj(x), cfg.num_key_value_heads) for proj in (attn.k_proj, attn.v_proj))
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        h = h + attn.o_proj(_merge(_causal_attend(q, k, v, prefixes[i, 0], prefixes[i, 1], mask)))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return m.norm(h)
+
+
+CAUSAL_REFERENCES = {"gpt2": gpt2_reference, "llama": llama_reference}
+
+
+def _causal_task(tiny_models, kind, method):
+    task = make_task(make_cfg(tiny_models[kind], method, family="causal", prompt_length=3))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # every layer's prefix distinct, and large enough to move a random tiny model's scores
+        for p in task.model.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+    task.model.eval()
+    enc = encode(task, [{"text_a": s} for s in SENTENCES], [i % 2 for i in range(len(SENTENCES))])
+    return task, collate(enc, list(range(len(enc))), task.model.pad_id, task.left_pad)
+
+
+def _causal_reference_scores(task, kind, b, prefixes):
+    ids, mask, pos = b["input_ids"], b["attention_mask"], b["answer_pos"]
+    return task.model.read_out(CAUSAL_REFERENCES[kind](task.model.backbone, ids, mask, prefixes), mask, pos)
+
+
+@pytest.mark.parametrize("kind,method", [(k, m) for k in CAUSAL_REFERENCES for m in ("ptuning_v2", "prefix")])
+def test_causal_deep_prompt_matches_hand_written_attention(tiny_models, kind, method):
+    task, b = _causal_task(tiny_models, kind, method)
+    model = task.model
+    assert task.left_pad and not b["attention_mask"].bool().all()  # left padding is exercised
+    with torch.no_grad():
+        prefixes = torch.stack([torch.stack(kv) for kv in model.tuner.deep_prefixes()])[:, :, 0]
+        assert prefixes.shape[:2] == (model.backbone.config.num_hidden_layers, 2) and prefixes.shape[3] == 3
+        empty = prefixes[:, :, :, :0]
+        # the reference is a faithful forward: without prompts it reproduces the plain backbone
+        mask = b["attention_mask"]
+        plain = model.backbone.base_model(input_ids=b["input_ids"], attention_mask=mask,
+                                          position_ids=(mask.cumsum(1) - 1).clamp(min=0)).last_hidden_state
+        ref = CAUSAL_REFERENCES[kind](model.backbone, b["input_ids"], mask, empty)
+        torch.testing.assert_close(ref[mask.bool()], plain[mask.bool()], atol=1e-5, rtol=1e-5)
+        got = model(b["input_ids"], mask, b["answer_pos"])
+        want = _causal_reference_scores(task, kind, b, prefixes)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        moved = (got - _causal_reference_scores(task, kind, b, empty)).abs().max()
+        assert moved > 1e-3, f"the prompt moves the scores by only {moved} (100x the tolerance needed)"
+
+
+@pytest.mark.parametrize("kind", list(CAUSAL_REFERENCES))
+def test_each_causal_layer_prefix_gets_the_reference_gradient(tiny_models, kind):
+    task, b = _causal_task(tiny_models, kind, "ptuning_v2")
+    model = task.model
+    labels = torch.tensor([i % len(LABELS) for i in range(len(SENTENCES))])
+    param = model.tuner.prefix
+    model.zero_grad()
+    F.cross_entropy(model(b["input_ids"], b["attention_mask"], b["answer_pos"]), labels).backward()
+    leaf = param.detach().clone().requires_grad_(True)
+    F.cross_entropy(_causal_reference_scores(task, kind, b, leaf), labels).backward()
+    for site in range(param.shape[0]):
+        for j, which in enumerate(("key", "value")):
+            want = leaf.grad[site, j]
+            assert want.abs().max() > 1e-6, f"layer {site} {which}: the reference gradient vanishes"
+            torch.testing.assert_close(param.grad[site, j], want, atol=1e-6, rtol=1e-4, msg=f"layer {site} {which}")
