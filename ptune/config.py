@@ -155,7 +155,7 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    """The training loop (ptune/train.py) and the runtime it runs on (ptune/runtime.py)."""
+    """The training loop (ptune/training.py) and the runtime it runs on (ptune/runtime.py)."""
 
     max_steps: int = 300  # optimizer steps
     batch_size: int = 16  # examples per batch (the global batch under torchrun)
@@ -223,7 +223,7 @@ class TrainerConfig:
 
 @dataclass
 class SearchConfig:
-    """`ptune search` (ptune/search.py): a Bayesian (TPE) search over training overrides; conf/hparams_search/."""
+    """`ptune search` (ptune/commands/search.py): a Bayesian (TPE) search over training overrides."""
 
     experiment: str | None = None  # the experiment every trial starts from (+experiment=NAME)
     n_trials: int = 20  # finished trials (failed ones count) after which the search stops

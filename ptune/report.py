@@ -469,23 +469,6 @@ def write_report(root: str | Path, *, print_it: bool = True) -> dict[str, Any]:
     return {"keys": keys, "rows": rows, "failed": [str(r.path) for r in failed], "png_error": png_error}
 
 
-def report_main(argv: list[str]) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="ptune report",
-        description="Summarise a multirun folder (or any folder of runs) over seeds: table, CSV, Markdown, plot.",
-    )
-    parser.add_argument("dir", help="multirun folder, or any folder holding run folders with results.json")
-    args = parser.parse_args(argv)
-    from .search import is_search, report_search_main
-
-    if is_search(Path(args.dir)):  # a `ptune search` folder: best trial, trials table, search.png
-        report_search_main(Path(args.dir))
-        return
-    write_report(args.dir)
-
-
 try:
     from hydra.experimental.callback import Callback as _Callback
 except ImportError:  # pragma: no cover - hydra is a dependency

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from ptune.batching import collate
 from ptune.build import Task, build_task, encode
-from ptune.cli import compose
+from ptune.config import compose
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUIRE_REAL = "PTUNE_REQUIRE_REAL"

@@ -136,7 +136,7 @@ def test_checkpointed_training_run_saves_the_same_prompt(tiny_models, tiny_csv, 
     ``precision=auto`` picks on CPUs with bf16 instructions and on GPUs) trains, and to the same prompt."""
     from safetensors.torch import load_file
 
-    from ptune.train import run_training
+    from ptune.training import run_training
 
     from .test_training_loop import _cfg
 

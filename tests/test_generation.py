@@ -198,8 +198,8 @@ def test_ptune_train_of_a_generate_template_ends_with_its_metric(tiny_models, ti
 def _train(tiny_models, tiny_csv, tmp_path, kind: str, method: str):
     from omegaconf import OmegaConf
 
-    from ptune.cli import compose
-    from ptune.train import run_training
+    from ptune.config import compose
+    from ptune.training import run_training
 
     from .test_cli import csv_overrides
 
@@ -249,7 +249,7 @@ def test_inews_title_generation_keeps_the_title_whole(tiny_models):
     from ptune.data import load_split
 
     cfg = make_cfg(tiny_models["gpt2"], "ptuning_v2", family="causal", prompt_length=4)
-    from ptune.cli import compose
+    from ptune.config import compose
 
     cfg.template = compose(["template=inews_title_gen", "dataset=inews"]).template
     cfg.dataset = compose(["dataset=inews"]).dataset

@@ -1,0 +1,25 @@
+"""`ptune eval PATH... [key=value overrides]`: evaluate saved prompt checkpoints, one table row each."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import fail
+
+
+def eval_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="ptune eval", description="Evaluate saved prompt checkpoints.")
+    parser.add_argument(
+        "paths", nargs="+", help="run folders or checkpoint/ folders, then key=value overrides"
+    )
+    args = parser.parse_args(argv)
+    paths = [p for p in args.paths if "=" not in p]
+    overrides = [p for p in args.paths if "=" in p]
+    if not paths:
+        fail("ptune eval needs at least one checkpoint path")
+    from ..inference import eval_overrides, evaluate_checkpoint, print_eval_table
+
+    rows = []
+    for p in paths:
+        rows.append(evaluate_checkpoint(p, eval_overrides(overrides)))
+    print_eval_table(rows)
