@@ -51,7 +51,7 @@ class BackboneConfig:
     name: str = MISSING  # packaged name (minilm, cassette-bert, smollm2, gemma3-270m), a local folder or a Hub id
     dtype: str = "float32"  # weights as stored in memory: float32 | bfloat16 | float16
     max_length: int = 256  # tokens per input, prompt included (capped by the model's positions)
-    quantize: str = "none"  # the transformer blocks' frozen weights: none | int8 | nf4 (torchao; ptune/quantize.py)
+    quantize: str = "none"  # the frozen blocks' weights: none | int8 | nf4 (torchao; efficiency/quantize.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -190,7 +190,7 @@ class TrainerConfig:
     fuse_projections: bool = True  # one matmul for frozen q/k/v (and gate/up) projections of the same input
     attention_kernel: str = "auto"  # SDPA kernel of training steps: auto (math under CPU bf16/fp16) | default | math
     gradient_checkpointing: bool = False  # recompute the frozen blocks in backward: less memory, ~1/3 more compute
-    shard_backbone: bool = False  # under torchrun: FSDP2-shard the frozen blocks over the ranks (ptune/sharding.py)
+    shard_backbone: bool = False  # torchrun: FSDP2-shard the frozen blocks over the ranks (efficiency/sharding.py)
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "eval_batch_size", "grad_accum", "eval_every", "log_every"):

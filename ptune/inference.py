@@ -15,9 +15,9 @@ from .build import Task, build_task, encode
 from .checkpoint import find_checkpoint, load_trainable_state, read_checkpoint
 from .config import trainer_config
 from .data import Split, load_split, subsample
+from .efficiency.frozen import prepare_frozen_backbone
 from .errors import PtuneError, one_line
 from .evaluate import evaluate
-from .frozen import prepare_frozen_backbone
 from .runtime import pick_amp, pick_device, seed_everything
 
 IDENTITY_KEYS = ("model_type", "hidden_size", "num_layers", "vocab_size")

@@ -490,7 +490,7 @@ def matmul_ceiling(body: torch.nn.Module, rows: int, dtype_name: str, device="cp
     the forward (rows x in @ in x out) and the activation gradient (rows x out @ out x in), each timed on its own.
     Whatever else a step does (attention, norms, activations, casts, autograd) only lowers the step's figure, so
     this bounds the achievable fraction of the matmul peak for this model at this batch's token count."""
-    from ptune.frozen import FusedProjection
+    from ptune.efficiency.frozen import FusedProjection
 
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     shapes = [

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.utils.checkpoint import CheckpointError
 
-from ptune.checkpointing import enable_gradient_checkpointing
+from ptune.efficiency.activation_checkpointing import enable_gradient_checkpointing
+from ptune.efficiency.frozen import prepare_frozen_backbone
 from ptune.evaluate import autocast
-from ptune.frozen import prepare_frozen_backbone
 from ptune.runtime import attention_kernel
 from ptune.tuners import deep_attention as da
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from ptune.batching import Encoded, collate
 from ptune.config import compose
-from ptune.frozen import cast_frozen_linears
+from ptune.efficiency.frozen import cast_frozen_linears
 from ptune.runtime import attention_kernel, compile_backbone, configure_threads, cpu_cores
 from ptune.training import run_training
 from ptune.tuners.ptuning_v2.model import split_sites
