@@ -7,7 +7,7 @@ The Python API (ptune/api.py; docs/api.md): ``ptune.train(overrides) -> Run``, `
 
 import logging as _logging
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401 - the package's version, read by pyproject.toml
 
 # transformers imports torchao (optional: backbone.quantize) whenever it is installed, and then torchao logs a
 # warning for each CUDA extension its CPU wheel lacks, and torch one for each enum torchao registers: noise on

@@ -11,7 +11,7 @@ Each function takes the overrides the CLI takes, as a list of ``key=value`` stri
 in Hydra's override grammar for you), and runs what its subcommand runs: ``ptune.train`` composes and checks the
 config (``commands.train.compose_run``), checks the run folder (``commands.train.preflight``), trains with
 ``training.run_training`` and undoes a failed run's folder as ``ptune train`` does; ``Predictor.predict`` scores
-through ``predict.predict`` on a ``serving.PromptServer`` (``generation.predict_generate`` for a generate readout);
+through ``predict.predict`` on a ``serving.PromptServer`` (``predict.predict_generate`` for a generate readout);
 ``Predictor.evaluate`` is ``inference.evaluate_checkpoint``; ``ptune.search`` is ``commands.search.search_main``. A
 user error raises ``PtuneError`` (one line), never ``SystemExit``; the locks a call takes on its folders are
 released when it returns, since a notebook's process outlives the call (the CLI's process ends with its command).
@@ -227,7 +227,7 @@ class Predictor:
         if not objects:
             return []
         if self.generates:
-            from .generation import predict_generate
+            from .predict import predict_generate
 
             return predict_generate([str(self.path)], objects, self.overrides, batch_size, self.device, "input")
         from .predict import predict

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("command", choices=list(COMMANDS), help="subcommand (see below)")
     if argv[:1] in (["--version"], ["-V"]):
-        from . import __version__
+        from .version import __version__
 
         print(f"ptune {__version__}")
         raise SystemExit(0)

@@ -139,9 +139,8 @@ def run_child(args: argparse.Namespace) -> dict:
     from ptune.efficiency.frozen import prepare_frozen_backbone
     from ptune.efficiency.memory import apply_memory_features
     from ptune.efficiency.quantize import quantize_backbone
-    from ptune.evaluate import autocast
     from ptune.families import CAUSAL
-    from ptune.runtime import configure_threads
+    from ptune.runtime import autocast, configure_threads
 
     shape = SHAPES[args.shape]
     quantize, ckpt = SETTINGS[args.setting]

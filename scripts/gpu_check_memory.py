@@ -112,7 +112,7 @@ def batch(task, device):
 
 
 def loss_and_grads(task, b, amp=None):
-    from ptune.evaluate import autocast
+    from ptune.runtime import autocast
 
     model = task.model
     model.train()

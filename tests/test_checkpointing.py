@@ -13,8 +13,7 @@ from torch.utils.checkpoint import CheckpointError
 
 from ptune.efficiency.activation_checkpointing import enable_gradient_checkpointing
 from ptune.efficiency.frozen import prepare_frozen_backbone
-from ptune.evaluate import autocast
-from ptune.runtime import attention_kernel
+from ptune.runtime import attention_kernel, autocast
 from ptune.tuners import deep_attention as da
 
 from .helpers import batch, make_cfg, make_task

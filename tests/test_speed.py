@@ -15,7 +15,7 @@ from ptune.config import compose
 from ptune.efficiency.frozen import cast_frozen_linears
 from ptune.runtime import attention_kernel, compile_backbone, configure_threads, cpu_cores
 from ptune.training import run_training
-from ptune.tuners.ptuning_v2.model import split_sites
+from ptune.tuners.base import split_sites
 
 from .helpers import batch, make_cfg, make_task
 from .test_cli import csv_overrides

@@ -61,7 +61,7 @@ def predict_main(argv: list[str]) -> None:
 
 
 def _generated_rows(args, paths: list[str], overrides: list[str], inputs: list[dict]) -> list[dict[str, Any]]:
-    from ..generation import predict_generate
+    from ..predict import predict_generate
 
     if args.input is None:  # --text fills the first field of each checkpoint's template
         from ..inference import load_task
