@@ -438,3 +438,31 @@ def _group_keys(err: BaseException, group: str) -> list[str]:
         return list(obj.__dataclass_fields__)
     schema = {**SCHEMAS, "data": DataConfig}.get(group)
     return [f.name for f in fields(schema)] if schema else []
+
+
+def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """``key=value`` overrides applied to a saved config (eval, predict, export): a key it lacks needs ``+``."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if not key or OmegaConf.select(cfg, key.lstrip("+"), default="__missing__") == "__missing__":
+            if not key.startswith("+"):
+                raise PtuneError(
+                    f"override {item!r} names no key of the saved config (prefix + to add a new key)"
+                )
+        OmegaConf.update(cfg, key.lstrip("+"), override_value(item) if value else None, merge=True)
+    return cfg
+
+
+def override_value(item: str) -> Any:
+    """The value of ``key=value`` typed as ``ptune train`` types it (Hydra's override grammar): ``5`` is an int,
+    ``[a,b]`` a list. Wrapping the raw text in OmegaConf kept every value a string, so ``max_eval_samples=5``
+    reached the code as "5"."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        value = OverridesParser.create().parse_overrides([item])[0].value()
+    except Exception as exc:  # noqa: BLE001 - Hydra's grammar errors come in several types
+        raise PtuneError(f"override {item!r} is not valid: {one_line(exc)}") from None
+    if not isinstance(value, str | int | float | bool | list | dict | type(None)):
+        raise PtuneError(f"override {item!r} is a sweep or function: give one value")
+    return value

@@ -336,15 +336,6 @@ def to_markdown(root: Path, keys: list[str], rows: list[dict[str, Any]], failed:
     return "\n".join(lines) + "\n"
 
 
-def table_console():
-    """A rich console for tables: a terminal's own width, but 200 columns for logs and pipes, where rich would
-    otherwise squeeze every table into 80 columns and cut its cells to "0.87…"."""
-    from rich.console import Console
-
-    console = Console()
-    return console if console.is_terminal else Console(width=200)
-
-
 def print_table(root: Path, keys: list[str], rows: list[dict[str, Any]], failed: list[Run]) -> None:
     from rich.table import Table
 
@@ -356,6 +347,8 @@ def print_table(root: Path, keys: list[str], rows: list[dict[str, Any]], failed:
         table.add_column(name, justify="right")
     for r in rows:
         table.add_row(*[_fmt(r[k]) for k in keys], *[fn(r) for _, fn in DISPLAY])
+    from .progress import table_console
+
     console = table_console()
     console.print(table)
     for r in failed:

@@ -17,9 +17,29 @@ def eval_main(argv: list[str]) -> None:
     overrides = [p for p in args.paths if "=" in p]
     if not paths:
         fail("ptune eval needs at least one checkpoint path")
-    from ..inference import eval_overrides, evaluate_checkpoint, print_eval_table
+    from ..inference import eval_overrides, evaluate_checkpoint
 
     rows = []
     for p in paths:
         rows.append(evaluate_checkpoint(p, eval_overrides(overrides)))
     print_eval_table(rows)
+
+
+def print_eval_table(rows: list[dict]) -> None:
+    from rich.table import Table
+
+    from ..progress import table_console
+
+    table = Table(title="ptune eval")
+    for col in ("checkpoint", "split", "examples", "accuracy", "macro_f1", "eval ex/s"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["checkpoint"],
+            r["split"],
+            str(r["examples"]),
+            f"{r['accuracy']:.4f}",
+            f"{r['macro_f1']:.4f}" if "macro_f1" in r else f"rouge_l {r.get('rouge_l', 0.0):.4f}",
+            f"{r['eval_examples_per_s']:.1f}",
+        )
+    table_console().print(table)  # the per-checkpoint metrics lines were printed by evaluate_checkpoint

@@ -41,8 +41,9 @@ from omegaconf import OmegaConf
 
 from .. import config, runfolder
 from ..atomic import atomic_write_text
+from ..config import override_value
 from ..errors import PtuneError, one_line
-from ..report import table_console
+from ..progress import table_console
 
 STUDY = "ptune"
 DB = "optuna.db"
@@ -194,7 +195,6 @@ def _compose_search(search_args: list[str]) -> tuple[str, config.SearchConfig]:
 
 
 def _from_file(path: Path, overrides: list[str]) -> config.SearchConfig:
-    from ..inference import override_value
 
     if not path.is_file():
         raise PtuneError(f"hparams_search={str(path)!r}: no such file")
@@ -241,7 +241,6 @@ def _first_values(spec: config.SearchConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------- run
 def search_main(argv: list[str]) -> Path:
     """`ptune search` (and ``ptune.search``); returns the search folder."""
-    from ..inference import override_value
 
     resume_dir = None
     if argv[:1] == ["--resume"]:
@@ -280,7 +279,6 @@ def _resume(folder: Path, search_args: list[str], user: list[str]):
             f"{str(folder / SAVED)!r} is not the search settings ptune writes ({one_line(exc, 120)}): expected "
             "name, search and overrides; nothing changed"
         ) from None
-    from ..inference import override_value
 
     for a in search_args:
         key = a.partition("=")[0]
