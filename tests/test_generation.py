@@ -12,10 +12,11 @@ from ptune.build import encode
 from ptune.errors import PtuneError
 from ptune.generation import GenEncoded, _Decoder, collate_prompts, generate, generation_metrics
 from ptune.readouts.generate import lm_loss
+from ptune.tuners import METHODS as METHOD_REGISTRY
 
 from .helpers import SENTENCES, make_cfg, make_task
 
-METHODS = ["soft_prompt", "ptuning_v1", "ptuning_v2", "prefix"]
+METHODS = list(METHOD_REGISTRY)  # every registered method: a new one is tested without editing this file
 KINDS = ["t5", "gpt2", "llama", "gemma3"]
 CPU = torch.device("cpu")
 
