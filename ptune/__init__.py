@@ -6,10 +6,8 @@ The Python API (ptune/api.py; docs/api.md): ``ptune.train(overrides) -> Run``, `
 """
 
 import logging as _logging
-import sys as _sys
-import types as _types
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401 - the package's version, read by pyproject.toml
 
 # transformers imports torchao (optional: backbone.quantize) whenever it is installed, and then torchao logs a
 # warning for each CUDA extension its CPU wheel lacks, and torch one for each enum torchao registers: noise on
@@ -18,33 +16,12 @@ for _name in ("torchao", "torch.utils._pytree"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
 
 _API = ("train", "load", "search", "Run", "Predictor", "Search", "PtuneError")
-# ptune.train and ptune.search are also the modules of the training loop and of the search (ptune/train.py,
-# ptune/search.py), which the import system binds to those names when they load: those two modules are made
-# callable, so that `ptune.train(...)` runs the API whichever was imported first, and `from ptune import train`
-# (or `ptune.train.run_training`) still reaches the module.
-_CALLABLE_MODULES = ("train", "search")
-
-
-class _CallableModule(_types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        from . import api
-
-        return getattr(api, self.__name__.rsplit(".", 1)[1])(*args, **kwargs)
-
-
-class _Package(_types.ModuleType):
-    def __setattr__(self, name, value):
-        if name in _CALLABLE_MODULES and isinstance(value, _types.ModuleType) and value.__name__ == f"ptune.{name}":
-            value.__class__ = _CallableModule
-        super().__setattr__(name, value)
 
 
 def __getattr__(name):
-    """The API, imported on first use."""
-    if name in _CALLABLE_MODULES:
-        import importlib
-
-        return importlib.import_module(f"ptune.{name}")  # bound (and made callable) by _Package.__setattr__
+    """The API, imported on first use. No module of ptune is named after an API function (the training loop is
+    ptune/training.py, the search command ptune/commands/search.py), so the import system never binds a module
+    over these names."""
     if name in _API:
         from . import api
 
@@ -54,6 +31,3 @@ def __getattr__(name):
 
 def __dir__():
     return sorted({*globals(), *_API})
-
-
-_sys.modules[__name__].__class__ = _Package

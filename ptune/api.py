@@ -9,12 +9,12 @@
 
 Each function takes the overrides the CLI takes, as a list of ``key=value`` strings or a dict (values are written
 in Hydra's override grammar for you), and runs what its subcommand runs: ``ptune.train`` composes and checks the
-config (``cli.compose_run``), checks the run folder (``cli.preflight``), trains with ``train.run_training`` and
-undoes a failed run's folder as ``ptune train`` does; ``Predictor.predict`` scores through ``predict.predict`` on a
-``serving.PromptServer`` (``generation.predict_generate`` for a generate readout); ``Predictor.evaluate`` is
-``inference.evaluate_checkpoint``; ``ptune.search`` is ``search.search_main``. A user error raises ``PtuneError``
-(one line), never ``SystemExit``; the locks a call takes on its folders are released when it returns, since a
-notebook's process outlives the call (the CLI's process ends with its command).
+config (``commands.train.compose_run``), checks the run folder (``commands.train.preflight``), trains with
+``training.run_training`` and undoes a failed run's folder as ``ptune train`` does; ``Predictor.predict`` scores
+through ``predict.predict`` on a ``serving.PromptServer`` (``predict.predict_generate`` for a generate readout);
+``Predictor.evaluate`` is ``inference.evaluate_checkpoint``; ``ptune.search`` is ``commands.search.search_main``. A
+user error raises ``PtuneError`` (one line), never ``SystemExit``; the locks a call takes on its folders are
+released when it returns, since a notebook's process outlives the call (the CLI's process ends with its command).
 """
 
 from __future__ import annotations
@@ -135,10 +135,11 @@ def train(overrides: Overrides = None, *, resume: str | Path | None = None) -> R
     ``resume=RUN_DIR`` is ``ptune train --resume RUN_DIR``: a killed run continued with the config it started with."""
     from omegaconf import OmegaConf
 
-    from . import cli, distributed
+    from . import distributed
     from .atomic import atomic_write_text
+    from .commands import train as train_command
     from .config import label_words_overrides
-    from .train import run_training
+    from .training import run_training
 
     argv = as_overrides(overrides)
     if resume is not None:
@@ -146,20 +147,20 @@ def train(overrides: Overrides = None, *, resume: str | Path | None = None) -> R
             raise PtuneError(f"resume={str(resume)!r} continues a run with the config it started with: give no "
                              f"overrides (got {' '.join(argv)})")
         with _folders_released():
-            results = cli.resume_run([str(resume)])
+            results = train_command.resume_run([str(resume)])
         path = Path(resume)
         return Run(path, results, results["metric"], results["best_metric"], path / "checkpoint")
     flags = [a for a in argv if a.startswith("-")]
     if flags:
         raise PtuneError(f"{flags[0]!r} is a command-line flag: ptune.train runs one run from 'key=value' overrides "
                          "(a sweep: call it in a loop, or `ptune train -m` in a shell)")
-    cli.refuse_search_overrides(argv)
+    train_command.refuse_search_overrides(argv)
     if distributed.env_world_size() > 1:  # the CLI shares one run folder between ranks (distributed.hydra_overrides)
         raise PtuneError("ptune.train runs in one process: under torchrun, start `ptune train OVERRIDES` (or "
                          "`python -m ptune train OVERRIDES`)")
-    composed = cli.compose_run(argv)
+    composed = train_command.compose_run(argv)
     with _folders_released():
-        folder = cli.preflight(composed)
+        folder = train_command.preflight(composed)
         path = folder.path
         OmegaConf.set_struct(composed, False)
         del composed["hydra"]  # Hydra's own settings: not saved in .hydra/config.yaml by `ptune train` either
@@ -226,7 +227,7 @@ class Predictor:
         if not objects:
             return []
         if self.generates:
-            from .generation import predict_generate
+            from .predict import predict_generate
 
             return predict_generate([str(self.path)], objects, self.overrides, batch_size, self.device, "input")
         from .predict import predict
@@ -270,7 +271,7 @@ def search(overrides: Overrides = None, *, resume: str | Path | None = None) -> 
     search --resume DIR`` with ``resume=DIR``; returns the search folder and its best trial."""
     import optuna
 
-    from .search import STUDY, search_main, storage_url
+    from .commands.search import STUDY, search_main, storage_url
 
     argv = as_overrides(overrides)
     if resume is not None:

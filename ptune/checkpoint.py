@@ -15,9 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
 from .atomic import atomic_folder, readable_folder
 from .errors import PtuneError, one_line
+from .version import __version__
 
 WEIGHTS = "prompt.safetensors"
 

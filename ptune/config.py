@@ -51,7 +51,7 @@ class BackboneConfig:
     name: str = MISSING  # packaged name (minilm, cassette-bert, smollm2, gemma3-270m), a local folder or a Hub id
     dtype: str = "float32"  # weights as stored in memory: float32 | bfloat16 | float16
     max_length: int = 256  # tokens per input, prompt included (capped by the model's positions)
-    quantize: str = "none"  # the transformer blocks' frozen weights: none | int8 | nf4 (torchao; ptune/quantize.py)
+    quantize: str = "none"  # the frozen blocks' weights: none | int8 | nf4 (torchao; efficiency/quantize.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -155,7 +155,7 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    """The training loop (ptune/train.py) and the runtime it runs on (ptune/runtime.py)."""
+    """The training loop (ptune/training.py) and the runtime it runs on (ptune/runtime.py)."""
 
     max_steps: int = 300  # optimizer steps
     batch_size: int = 16  # examples per batch (the global batch under torchrun)
@@ -190,7 +190,7 @@ class TrainerConfig:
     fuse_projections: bool = True  # one matmul for frozen q/k/v (and gate/up) projections of the same input
     attention_kernel: str = "auto"  # SDPA kernel of training steps: auto (math under CPU bf16/fp16) | default | math
     gradient_checkpointing: bool = False  # recompute the frozen blocks in backward: less memory, ~1/3 more compute
-    shard_backbone: bool = False  # under torchrun: FSDP2-shard the frozen blocks over the ranks (ptune/sharding.py)
+    shard_backbone: bool = False  # torchrun: FSDP2-shard the frozen blocks over the ranks (efficiency/sharding.py)
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "eval_batch_size", "grad_accum", "eval_every", "log_every"):
@@ -223,7 +223,7 @@ class TrainerConfig:
 
 @dataclass
 class SearchConfig:
-    """`ptune search` (ptune/search.py): a Bayesian (TPE) search over training overrides; conf/hparams_search/."""
+    """`ptune search` (ptune/commands/search.py): a Bayesian (TPE) search over training overrides."""
 
     experiment: str | None = None  # the experiment every trial starts from (+experiment=NAME)
     n_trials: int = 20  # finished trials (failed ones count) after which the search stops
@@ -438,3 +438,31 @@ def _group_keys(err: BaseException, group: str) -> list[str]:
         return list(obj.__dataclass_fields__)
     schema = {**SCHEMAS, "data": DataConfig}.get(group)
     return [f.name for f in fields(schema)] if schema else []
+
+
+def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """``key=value`` overrides applied to a saved config (eval, predict, export): a key it lacks needs ``+``."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if not key or OmegaConf.select(cfg, key.lstrip("+"), default="__missing__") == "__missing__":
+            if not key.startswith("+"):
+                raise PtuneError(
+                    f"override {item!r} names no key of the saved config (prefix + to add a new key)"
+                )
+        OmegaConf.update(cfg, key.lstrip("+"), override_value(item) if value else None, merge=True)
+    return cfg
+
+
+def override_value(item: str) -> Any:
+    """The value of ``key=value`` typed as ``ptune train`` types it (Hydra's override grammar): ``5`` is an int,
+    ``[a,b]`` a list. Wrapping the raw text in OmegaConf kept every value a string, so ``max_eval_samples=5``
+    reached the code as "5"."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        value = OverridesParser.create().parse_overrides([item])[0].value()
+    except Exception as exc:  # noqa: BLE001 - Hydra's grammar errors come in several types
+        raise PtuneError(f"override {item!r} is not valid: {one_line(exc)}") from None
+    if not isinstance(value, str | int | float | bool | list | dict | type(None)):
+        raise PtuneError(f"override {item!r} is a sweep or function: give one value")
+    return value

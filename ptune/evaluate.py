@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from .batching import Encoded, collate, eval_batches
 from .metrics import classification_metrics
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+from .runtime import autocast
 
 
 def predict_logits(

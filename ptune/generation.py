@@ -181,7 +181,7 @@ def generate_texts(pm, data: Encoded, batch_size: int, device, amp, bare: bool =
                    use_cache: bool = True, **overrides) -> list[str]:
     """Decode every example of ``data`` (sorted-by-length batches) and return texts in the data's order;
     decoding settings come from the template (``GenerateReadout.settings``) unless ``overrides`` name them."""
-    from .evaluate import autocast
+    from .runtime import autocast
 
     tok, settings = pm.readout.tokenizer, {**pm.readout.settings, **overrides}
     out: list[str] = [""] * len(data.input_ids)
@@ -256,40 +256,3 @@ def first_step_logits(pm, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     """Vocabulary logits of the first generated token (what ``ptune export`` compares with PEFT's)."""
     with da.prefixes(_prefixes(pm, False)):
         return _Decoder(pm, input_ids, attention_mask, use_cache=False, bare=False).start()
-
-
-def predict_generate(paths, inputs, overrides, batch_size: int, device: str | None, source: str) -> list[dict]:
-    """``ptune predict --generate``: the text each checkpoint (template.readout=generate) writes for each input,
-    one row per (input, checkpoint): ``{"index", "checkpoint", "text"}``."""
-    from types import SimpleNamespace
-
-    from .config import trainer_config
-    from .inference import load_task
-    from .predict import _route, example_for
-    from .runtime import pick_amp, pick_device
-    from .token_cache import render_split
-
-    prompts = []
-    for p in paths:
-        task, cfg, ckpt, _ = load_task(p, list(overrides))
-        task.model.readout.check_prediction(True, p)
-        fields = task.renderer.template.field_names
-        prompts.append(SimpleNamespace(name=p, checkpoint=str(ckpt), task=task, cfg=cfg, fields=fields))
-    requests: list[list[tuple[int, dict]]] = [[] for _ in prompts]
-    for n, obj in enumerate(inputs):
-        where = f"{source} line {n + 1}"
-        for i in _route(obj, prompts, where):
-            requests[i].append((n, example_for(prompts[i], obj, where)))
-    rows = []
-    for prompt, reqs in zip(prompts, requests, strict=True):
-        if not reqs:
-            continue
-        tr = trainer_config(prompt.cfg)
-        dev = pick_device(device or tr.device)
-        amp = pick_amp(tr.precision, dev)
-        prompt.task.model.to(dev)
-        ids, answers = render_split(prompt.task.renderer, [ex for _, ex in reqs])
-        data = Encoded(prompt_rows(ids, answers), answers, [0] * len(ids))
-        texts = generate_texts(prompt.task.model, data, batch_size, dev, amp)
-        rows += [{"index": n, "checkpoint": prompt.name, "text": t} for (n, _), t in zip(reqs, texts, strict=True)]
-    return sorted(rows, key=lambda r: r["index"])

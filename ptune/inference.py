@@ -5,49 +5,21 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from .atomic import atomic_write_json
 from .build import Task, build_task, encode
 from .checkpoint import find_checkpoint, load_trainable_state, read_checkpoint
-from .config import trainer_config
+from .config import apply_overrides, trainer_config
 from .data import Split, load_split, subsample
-from .errors import PtuneError, one_line
+from .efficiency.frozen import prepare_frozen_backbone
+from .errors import PtuneError
 from .evaluate import evaluate
-from .frozen import prepare_frozen_backbone
 from .runtime import pick_amp, pick_device, seed_everything
 
 IDENTITY_KEYS = ("model_type", "hidden_size", "num_layers", "vocab_size")
-
-
-def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if not key or OmegaConf.select(cfg, key.lstrip("+"), default="__missing__") == "__missing__":
-            if not key.startswith("+"):
-                raise PtuneError(
-                    f"override {item!r} names no key of the saved config (prefix + to add a new key)"
-                )
-        OmegaConf.update(cfg, key.lstrip("+"), override_value(item) if value else None, merge=True)
-    return cfg
-
-
-def override_value(item: str) -> Any:
-    """The value of ``key=value`` typed as ``ptune train`` types it (Hydra's override grammar): ``5`` is an int,
-    ``[a,b]`` a list. Wrapping the raw text in OmegaConf kept every value a string, so ``max_eval_samples=5``
-    reached the code as "5"."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        value = OverridesParser.create().parse_overrides([item])[0].value()
-    except Exception as exc:  # noqa: BLE001 - Hydra's grammar errors come in several types
-        raise PtuneError(f"override {item!r} is not valid: {one_line(exc)}") from None
-    if not isinstance(value, str | int | float | bool | list | dict | type(None)):
-        raise PtuneError(f"override {item!r} is a sweep or function: give one value")
-    return value
 
 
 def load_task(path: str | Path, overrides: list[str] | None = None) -> tuple[Task, DictConfig, Path, dict]:
@@ -161,22 +133,3 @@ def metrics_line(row: dict) -> str:
     )
     confusion = row.get("confusion", {}).get("matrix")
     return " ".join(x for x in (line, extra, per_class, f"confusion={confusion}" if confusion else "") if x)
-
-
-def print_eval_table(rows: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="ptune eval")
-    for col in ("checkpoint", "split", "examples", "accuracy", "macro_f1", "eval ex/s"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
-            r["checkpoint"],
-            r["split"],
-            str(r["examples"]),
-            f"{r['accuracy']:.4f}",
-            f"{r['macro_f1']:.4f}" if "macro_f1" in r else f"rouge_l {r.get('rouge_l', 0.0):.4f}",
-            f"{r['eval_examples_per_s']:.1f}",
-        )
-    Console().print(table)  # the per-checkpoint metrics lines were printed by evaluate_checkpoint

@@ -79,3 +79,10 @@ class SilentReporter(Reporter):
         pass
 
 
+def table_console():
+    """A rich console for tables: a terminal's own width, but 200 columns for logs and pipes, where rich would
+    otherwise squeeze every table into 80 columns and cut its cells to "0.87…"."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=200)

@@ -336,15 +336,6 @@ def to_markdown(root: Path, keys: list[str], rows: list[dict[str, Any]], failed:
     return "\n".join(lines) + "\n"
 
 
-def table_console():
-    """A rich console for tables: a terminal's own width, but 200 columns for logs and pipes, where rich would
-    otherwise squeeze every table into 80 columns and cut its cells to "0.87…"."""
-    from rich.console import Console
-
-    console = Console()
-    return console if console.is_terminal else Console(width=200)
-
-
 def print_table(root: Path, keys: list[str], rows: list[dict[str, Any]], failed: list[Run]) -> None:
     from rich.table import Table
 
@@ -356,6 +347,8 @@ def print_table(root: Path, keys: list[str], rows: list[dict[str, Any]], failed:
         table.add_column(name, justify="right")
     for r in rows:
         table.add_row(*[_fmt(r[k]) for k in keys], *[fn(r) for _, fn in DISPLAY])
+    from .progress import table_console
+
     console = table_console()
     console.print(table)
     for r in failed:
@@ -467,23 +460,6 @@ def write_report(root: str | Path, *, print_it: bool = True) -> dict[str, Any]:
         if png_error:
             print(f"report: no summary.png: {png_error}", file=sys.stderr)
     return {"keys": keys, "rows": rows, "failed": [str(r.path) for r in failed], "png_error": png_error}
-
-
-def report_main(argv: list[str]) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="ptune report",
-        description="Summarise a multirun folder (or any folder of runs) over seeds: table, CSV, Markdown, plot.",
-    )
-    parser.add_argument("dir", help="multirun folder, or any folder holding run folders with results.json")
-    args = parser.parse_args(argv)
-    from .search import is_search, report_search_main
-
-    if is_search(Path(args.dir)):  # a `ptune search` folder: best trial, trials table, search.png
-        report_search_main(Path(args.dir))
-        return
-    write_report(args.dir)
 
 
 try:

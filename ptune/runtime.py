@@ -115,3 +115,10 @@ def peak_memory(device: torch.device) -> dict:
         "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_memory_kind": "cpu_peak_rss",
     }
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``; nothing when ``dtype`` is None (fp32, as ``pick_amp`` says)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -28,13 +28,12 @@ from .batching import Encoded, collate, eval_batches
 from .build import Task, build_task
 from .checkpoint import find_checkpoint, load_trainable_state, read_checkpoint
 from .config import section, trainer_config
+from .efficiency.frozen import prepare_frozen_backbone
 from .errors import PtuneError
-from .evaluate import autocast
-from .frozen import prepare_frozen_backbone
 from .inference import apply_overrides, check_same_backbone, identity_mismatch
 from .prompt_model import PromptModel
 from .readouts import readout_class
-from .runtime import pick_amp, pick_device, seed_everything
+from .runtime import autocast, pick_amp, pick_device, seed_everything
 from .tuners import deep_attention as da
 
 

@@ -164,8 +164,3 @@ def show_template_text(overrides: list[str], n: int = DEFAULT_N) -> str:
     split, _ = training_examples(cfg, seed)  # the examples training sees, in its order (no held-out ones)
     task = build_task(cfg, split.label_names, seed)
     return describe(task, split.examples, split.labels, n)
-
-
-def show_template_main(argv: list[str]) -> None:
-    n, overrides = split_args(argv)
-    print(show_template_text(overrides, n), end="")

@@ -26,10 +26,10 @@ import numpy as np
 import tokenizers
 import transformers
 
-from . import __version__
 from .atomic import atomic_write_bytes
 from .backbone import cache_base
 from .template import SOFT_ID, TemplateRenderer
+from .version import __version__
 
 CACHE_FORMAT = "ptune-tokens-1"  # bump when rendering changes in a way the key does not capture
 _CHUNK = 16384  # texts per batched tokenizer call: batched, but memory stays bounded on big splits

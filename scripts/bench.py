@@ -10,7 +10,7 @@
 Each side trains in its own child process (this script again, with ``--side``), so each child's peak memory is its
 own; the parent measures the matmul peak and prints the table.
 
-- ptune: ``ptune.train.run_training`` on the composed experiment (``sst2_ptv2`` or ``sst2_smollm2_soft``).
+- ptune: ``ptune.training.run_training`` on the composed experiment (``sst2_ptv2`` or ``sst2_smollm2_soft``).
 - PEFT: the plain PyTorch loop of PEFT's docs: ``get_peft_model``, a ``DataLoader`` with
   ``DataCollatorWithPadding`` (pads to the batch's longest), AdamW (ptune's prompt/head learning rates and
   weight decay), a linear schedule with ptune's warmup, gradient clipping at ptune's value, ``model(**batch)``.
@@ -94,7 +94,7 @@ from bench_memory import SHAPES as MEMORY_SHAPES  # noqa: E402
 from bench_memory import Shape  # noqa: E402
 
 from ptune.runtime import peak_memory  # noqa: E402  (results.json's figure, used for PEFT's side too)
-from ptune.train import speed_mark_steps  # noqa: E402  (results.json's first, warm-up and half-way steps)
+from ptune.training import speed_mark_steps  # noqa: E402  (results.json's first, warm-up and half-way steps)
 
 # Each setup pins the steps and optimiser settings it is measured with (the issue's reference figures), so the
 # benchmark does not move when an experiment's own defaults are retuned for accuracy.
@@ -231,7 +231,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def compose_cfg(args: argparse.Namespace):
     from omegaconf import open_dict
 
-    from ptune.cli import compose
+    from ptune.config import compose
 
     setup = SETUPS[args.setup]
     exp = setup["experiment"]
@@ -427,7 +427,7 @@ def versions() -> dict:
 
 
 def side_ptune(args, cfg) -> dict:
-    from ptune import train as T
+    from ptune import training as T
 
     seen: dict = {"tokens": 0, "computed": 0}
     build_task, prepare = T.build_task, T.prepare
@@ -490,7 +490,7 @@ def matmul_ceiling(body: torch.nn.Module, rows: int, dtype_name: str, device="cp
     the forward (rows x in @ in x out) and the activation gradient (rows x out @ out x in), each timed on its own.
     Whatever else a step does (attention, norms, activations, casts, autograd) only lowers the step's figure, so
     this bounds the achievable fraction of the matmul peak for this model at this batch's token count."""
-    from ptune.frozen import FusedProjection
+    from ptune.efficiency.frozen import FusedProjection
 
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     shapes = [

@@ -136,12 +136,11 @@ def run_child(args: argparse.Namespace) -> dict:
     from ptune.batching import collate
     from ptune.build import build_task, encode
     from ptune.config import TrainerConfig, compose
-    from ptune.evaluate import autocast
+    from ptune.efficiency.frozen import prepare_frozen_backbone
+    from ptune.efficiency.memory import apply_memory_features
+    from ptune.efficiency.quantize import quantize_backbone
     from ptune.families import CAUSAL
-    from ptune.frozen import prepare_frozen_backbone
-    from ptune.memory import apply_memory_features
-    from ptune.quantize import quantize_backbone
-    from ptune.runtime import configure_threads
+    from ptune.runtime import autocast, configure_threads
 
     shape = SHAPES[args.shape]
     quantize, ckpt = SETTINGS[args.setting]

@@ -81,7 +81,7 @@ def make_task(kind: str, method: str, tokenizer_dir: str, quantize: str = "none"
     from ptune.backbone import Backbone, detect_family
     from ptune.build import build_task
     from ptune.config import compose
-    from ptune.quantize import quantize_backbone
+    from ptune.efficiency.quantize import quantize_backbone
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = tiny_model(kind, len(tok)).requires_grad_(False).eval()
@@ -112,7 +112,7 @@ def batch(task, device):
 
 
 def loss_and_grads(task, b, amp=None):
-    from ptune.evaluate import autocast
+    from ptune.runtime import autocast
 
     model = task.model
     model.train()
@@ -125,7 +125,7 @@ def loss_and_grads(task, b, amp=None):
 
 
 def check_checkpointing(tokenizer_dir: str, device: torch.device) -> list[dict]:
-    from ptune.checkpointing import enable_gradient_checkpointing
+    from ptune.efficiency.activation_checkpointing import enable_gradient_checkpointing
 
     rows = []
     for kind in ("bert", "t5", "llama"):
@@ -154,8 +154,8 @@ def _dequantized(w):
 
 
 def check_quantize(tokenizer_dir: str, device: torch.device) -> list[dict]:
-    from ptune.frozen import prepare_frozen_backbone
-    from ptune.quantize import is_quantized
+    from ptune.efficiency.frozen import prepare_frozen_backbone
+    from ptune.efficiency.quantize import is_quantized
 
     rows = []
     for kind in ("bert", "t5", "llama"):

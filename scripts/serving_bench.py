@@ -35,11 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ptune.batching import Encoded, collate  # noqa: E402
 from ptune.build import build_task, encode  # noqa: E402
 from ptune.checkpoint import save_checkpoint  # noqa: E402
-from ptune.cli import _quiet, compose  # noqa: E402
+from ptune.commands import quiet as _quiet  # noqa: E402
+from ptune.config import compose  # noqa: E402
 from ptune.data import load_split  # noqa: E402
 from ptune.evaluate import predict_logits  # noqa: E402
 from ptune.serving import PromptServer  # noqa: E402
-from ptune.train import checkpoint_meta  # noqa: E402
+from ptune.training import checkpoint_meta  # noqa: E402
 
 
 def prompt_specs(backbone: str) -> list[tuple[str, list[str]]]:

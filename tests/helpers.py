@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from ptune.batching import collate
 from ptune.build import Task, build_task, encode
-from ptune.cli import compose
+from ptune.config import compose
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUIRE_REAL = "PTUNE_REQUIRE_REAL"
@@ -109,7 +109,7 @@ PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat1
 
 def amp_context(amp: torch.dtype | None):
     """The training and evaluation forwards' autocast context (ptune.evaluate.autocast) on CPU."""
-    from ptune.evaluate import autocast
+    from ptune.runtime import autocast
 
     return autocast(torch.device("cpu"), amp)
 

@@ -177,20 +177,24 @@ def test_override_values_are_written_in_hydras_grammar():
 
 
 def test_the_api_is_at_top_level_without_importing_torch():
-    """`import ptune` (every CLI command) stays light; ptune.train and ptune.search are the API and still the modules
-    of the training loop and the search, whichever is imported first."""
+    """`import ptune` (every CLI command) stays light; ptune.train and ptune.search are the API functions whatever
+    was imported before: no module of ptune is named train or search, so none can be bound over them."""
     code = ("import sys, ptune; assert 'torch' not in sys.modules and 'hydra' not in sys.modules; "
-            "import ptune.search as S; from ptune import search; from ptune.search import search_main; "
-            "assert callable(ptune.search) and S is search is ptune.search and S.search_main is search_main; "
-            "assert ptune.load.__module__ == 'ptune.api' and ptune.PtuneError.__module__ == 'ptune.errors'; "
-            "assert 'torch' not in sys.modules")
+            "import ptune.training, ptune.commands.search, ptune.commands.train; from ptune import search, train; "
+            "import ptune.api as api; assert search is api.search and train is api.train; "
+            "assert ptune.search is api.search and ptune.train is api.train; "
+            "assert ptune.load.__module__ == 'ptune.api' and ptune.PtuneError.__module__ == 'ptune.errors'")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert res.returncode == 0, res.stderr[-2000:]
-    import ptune.train as loop
-    from ptune.train import run_training
+    res = subprocess.run([sys.executable, "-c", "import sys, ptune; ptune.load; assert 'torch' not in sys.modules"],
+                         capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert res.returncode == 0, res.stderr[-2000:]
+    import ptune.api
 
-    assert callable(ptune.train) and loop is ptune.train and loop.run_training is run_training
+    assert ptune.train is ptune.api.train and ptune.search is ptune.api.search
+    assert not (Path(ptune.__file__).parent / "train.py").exists()
     with pytest.raises(AttributeError):
         ptune.no_such_name  # noqa: B018
 
@@ -219,7 +223,7 @@ def test_an_interrupted_run_resumes(tiny_models, data, tmp_path, monkeypatch, ca
     resume state kept; ptune.train(resume=RUN) continues it as `ptune train --resume RUN` does."""
     import importlib
 
-    loop = importlib.import_module("ptune.train")
+    loop = importlib.import_module("ptune.training")
     evaluate_and_keep_best = loop.evaluate_and_keep_best
 
     def stopped_at_step_4(run, state, loss):

@@ -11,16 +11,16 @@ import pytest
 import torch
 from torch.utils.checkpoint import CheckpointError
 
-from ptune.checkpointing import enable_gradient_checkpointing
-from ptune.evaluate import autocast
-from ptune.frozen import prepare_frozen_backbone
-from ptune.runtime import attention_kernel
+from ptune.efficiency.activation_checkpointing import enable_gradient_checkpointing
+from ptune.efficiency.frozen import prepare_frozen_backbone
+from ptune.runtime import attention_kernel, autocast
+from ptune.tuners import METHODS as METHOD_REGISTRY
 from ptune.tuners import deep_attention as da
 
 from .helpers import batch, make_cfg, make_task
 
 FAMILIES = {"bert": "mlm", "bert-head": "mlm", "t5": "seq2seq", "gpt2": "causal", "llama": "causal", "gemma3": "causal"}
-METHODS = ["soft_prompt", "ptuning_v1", "ptuning_v2", "prefix"]
+METHODS = list(METHOD_REGISTRY)  # every registered method: a new one is tested without editing this file
 CPU = torch.device("cpu")
 # Autocast dtypes, forced on. fp16 autocast runs on CPU in torch (ptune itself refuses trainer.precision=fp16 there:
 # its GradScaler is CUDA-only), so the recomputation is checked under it here too.
@@ -136,7 +136,7 @@ def test_checkpointed_training_run_saves_the_same_prompt(tiny_models, tiny_csv, 
     ``precision=auto`` picks on CPUs with bf16 instructions and on GPUs) trains, and to the same prompt."""
     from safetensors.torch import load_file
 
-    from ptune.train import run_training
+    from ptune.training import run_training
 
     from .test_training_loop import _cfg
 

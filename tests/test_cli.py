@@ -74,7 +74,7 @@ def test_train_then_eval_reproduces_metric(tiny_models, tiny_csv, tmp_path):
     from ptune.build import build_task
     from ptune.checkpoint import read_checkpoint, save_checkpoint
     from ptune.inference import evaluate_checkpoint
-    from ptune.train import checkpoint_meta
+    from ptune.training import checkpoint_meta
 
     saved, meta, _ = read_checkpoint(ckpt)
     untrained = build_task(saved, meta["label_names"], int(saved.trainer.seed))

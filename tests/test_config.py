@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ptune.cli import compose, config_dir
-from ptune.config import trainer_config
+from ptune.config import compose, config_dir, trainer_config
 from ptune.errors import PtuneError
 from ptune.tuners import method_config
 

@@ -44,7 +44,7 @@ RECORDER = """
 import os, sys
 import torch
 from safetensors.torch import save_file
-from ptune import train
+from ptune import training as train
 from ptune.cli import main
 
 out, args = sys.argv[1], sys.argv[2:]  # ptune rewrites sys.argv for Hydra

@@ -8,8 +8,9 @@ import pytest
 import safetensors.torch
 
 from ptune import export as export_mod
+from ptune.commands.export import export_main
 from ptune.errors import PtuneError
-from ptune.export import export_main, export_peft
+from ptune.export import export_peft
 
 from .helpers import make_cfg
 from .test_serving import save_prompt

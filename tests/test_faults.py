@@ -308,8 +308,8 @@ def test_resume_swap_survives_a_failure_or_kill_at_every_step(task_cfg, tmp_path
 
 def test_training_killed_between_the_two_renames_of_the_resume_swap_resumes_exactly(tiny_models, tiny_csv, tmp_path,
                                                                                      capsys):
-    from ptune.cli import compose
-    from ptune.train import run_training
+    from ptune.config import compose
+    from ptune.training import run_training
 
     from .test_cli import csv_overrides
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from ptune.frozen import FusedProjection, ProjectionSlice, cast_frozen_linears, fuse_projections
+from ptune.efficiency.frozen import FusedProjection, ProjectionSlice, cast_frozen_linears, fuse_projections
 
 from .helpers import batch, make_cfg, make_task
 

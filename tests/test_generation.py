@@ -12,10 +12,11 @@ from ptune.build import encode
 from ptune.errors import PtuneError
 from ptune.generation import GenEncoded, _Decoder, collate_prompts, generate, generation_metrics
 from ptune.readouts.generate import lm_loss
+from ptune.tuners import METHODS as METHOD_REGISTRY
 
 from .helpers import SENTENCES, make_cfg, make_task
 
-METHODS = ["soft_prompt", "ptuning_v1", "ptuning_v2", "prefix"]
+METHODS = list(METHOD_REGISTRY)  # every registered method: a new one is tested without editing this file
 KINDS = ["t5", "gpt2", "llama", "gemma3"]
 CPU = torch.device("cpu")
 
@@ -198,8 +199,8 @@ def test_ptune_train_of_a_generate_template_ends_with_its_metric(tiny_models, ti
 def _train(tiny_models, tiny_csv, tmp_path, kind: str, method: str):
     from omegaconf import OmegaConf
 
-    from ptune.cli import compose
-    from ptune.train import run_training
+    from ptune.config import compose
+    from ptune.training import run_training
 
     from .test_cli import csv_overrides
 
@@ -249,7 +250,7 @@ def test_inews_title_generation_keeps_the_title_whole(tiny_models):
     from ptune.data import load_split
 
     cfg = make_cfg(tiny_models["gpt2"], "ptuning_v2", family="causal", prompt_length=4)
-    from ptune.cli import compose
+    from ptune.config import compose
 
     cfg.template = compose(["template=inews_title_gen", "dataset=inews"]).template
     cfg.dataset = compose(["dataset=inews"]).dataset

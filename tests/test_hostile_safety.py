@@ -100,7 +100,7 @@ def test_bad_mlflow_uri_is_one_line(tiny_models, tiny_csv, tmp_path, monkeypatch
 
 
 def _interrupt_at_first_step(monkeypatch) -> None:
-    from ptune import train
+    from ptune import training as train
 
     def interrupted(run, loop):
         raise KeyboardInterrupt
@@ -109,7 +109,7 @@ def _interrupt_at_first_step(monkeypatch) -> None:
 
 
 def test_ctrl_c_leaves_the_users_folder_as_it_was(tiny_models, tiny_csv, tmp_path, monkeypatch, capsys):
-    """Ctrl-C left .hydra/, .ptune.lock and cli.log in the user's folder."""
+    """Ctrl-C left .hydra/, .ptune.lock and Hydra's job log in the user's folder."""
     monkeypatch.chdir(tmp_path)
     folder = user_folder(tmp_path / "mine", {"notes.txt": "mine"})
     before = listing(folder)
@@ -131,7 +131,7 @@ def test_ctrl_c_removes_a_run_folder_it_created(tiny_models, tiny_csv, tmp_path,
 @pytest.fixture()
 def resumable_run(tiny_models, tiny_csv, tmp_path, monkeypatch, capsys) -> Path:
     """A run with the mlflow logger killed (Ctrl-C) after its first checkpoint and resumable state."""
-    from ptune import train
+    from ptune import training as train
 
     monkeypatch.chdir(tmp_path)
     real = train.train_step

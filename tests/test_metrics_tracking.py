@@ -13,11 +13,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ptune.cli import compose
+from ptune.config import compose
 from ptune.errors import PtuneError
 from ptune.metrics import classification_metrics, expected_calibration_error
 from ptune.runfolder import sqlite_url
-from ptune.train import run_training
+from ptune.training import run_training
 
 from .test_cli import csv_overrides, ptune
 

@@ -15,6 +15,7 @@ from ptune.batching import collate
 from ptune.checkpoint import save_checkpoint
 from ptune.inference import load_task
 from ptune.template import SOFT_ID
+from ptune.tuners import METHODS as METHOD_REGISTRY
 
 from .helpers import FAMILY_TEMPLATES, LABELS, SENTENCES, amp_context, batch, close, logits, make_cfg, make_task
 
@@ -26,7 +27,7 @@ FAMILIES = {  # tiny model kind -> template family
     "llama": "causal",
     "gemma3": "causal",
 }
-METHODS = ["soft_prompt", "ptuning_v1", "ptuning_v2", "prefix"]
+METHODS = list(METHOD_REGISTRY)  # every registered method: a new one is tested without editing this file
 GRID = [(m, k) for m in METHODS for k in FAMILIES] + [(m, "bert-head") for m in METHODS]
 
 

@@ -13,8 +13,8 @@ from transformers.pytorch_utils import Conv1D
 
 from ptune.blocks import transformer_layers
 from ptune.config import BackboneConfig
+from ptune.efficiency.quantize import dequantize, is_quantized, quantize_backbone
 from ptune.errors import PtuneError
-from ptune.quantize import dequantize, is_quantized, quantize_backbone
 
 from .helpers import amp_context, batch, close, logits, make_cfg, make_task
 
@@ -164,7 +164,7 @@ def test_quantized_linear_backward_is_the_dequantized_matmul(tiny_models, mode, 
     """The input gradient of a quantised projection is exactly grad @ W (W dequantised), as a plain linear layer
     with the dequantised weight computes it, in fp32 and under bf16 autocast (its custom backward is not autograd's:
     a scaled or transposed gradient would otherwise pass, the forward being checked alone)."""
-    from ptune.quantize import QuantizedLinear
+    from ptune.efficiency.quantize import QuantizedLinear
 
     cfg = make_cfg(tiny_models["llama"], "soft_prompt", family="causal")
     cfg.backbone.quantize = mode

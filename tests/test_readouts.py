@@ -14,7 +14,7 @@ from ptune.checkpoint import save_checkpoint
 from ptune.families import FAMILIES
 from ptune.inference import load_task
 from ptune.readouts import READOUTS
-from ptune.train import checkpoint_meta
+from ptune.training import checkpoint_meta
 
 from .helpers import LABELS, SENTENCES, batch, logits, make_cfg, make_task
 from .test_cli import csv_overrides
@@ -75,7 +75,7 @@ HEAD_CASES = [(f.name, kind) for f in FAMILIES for kind in FAMILY_MODELS.get(f.n
 def test_head_trains_and_reloads_to_identical_logits_on_every_family(family, kind, tiny_models, tmp_path):
     """A linear head on each family (the last real token of a decoder, the decoder's first state of a seq2seq,
     [CLS] of an encoder) trains a few steps through the real loop and reloads to the same logits."""
-    from ptune.train import run_training
+    from ptune.training import run_training
 
     rows = "".join(f'"{s}",{LABELS[i % 2]}\n' for i, s in enumerate(SENTENCES))
     (tmp_path / "d.csv").write_text("text,label\n" + rows, encoding="utf-8")

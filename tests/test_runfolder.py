@@ -330,7 +330,7 @@ def test_eval_falls_back_to_the_checkpoint_a_killed_swap_left(finished_checkpoin
 
 def test_non_finite_loss_message_is_true():
     from ptune.resume import LoopState
-    from ptune.train import TrainerConfig, non_finite_loss
+    from ptune.training import TrainerConfig, non_finite_loss
 
     tr = TrainerConfig()
     assert "no checkpoint had been saved yet" in non_finite_loss(float("nan"), 4, LoopState(step=3), tr)

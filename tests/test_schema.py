@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from ptune import config
-from ptune.cli import compose, config_dir
+from ptune.config import compose, config_dir
 from ptune.errors import PtuneError
 from ptune.tuners import METHODS
 

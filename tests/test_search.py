@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ptune.cli import compose
+from ptune.config import compose
 from ptune.data import load_train_dev
 from ptune.errors import PtuneError
 
@@ -169,7 +169,7 @@ def test_search_table_is_readable_in_a_log(tmp_path, capsys):
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-    from ptune.search import STUDY, storage_url, write_search_report
+    from ptune.commands.search import STUDY, storage_url, write_search_report
 
     study = optuna.create_study(study_name=STUDY, storage=storage_url(tmp_path), direction="maximize")
     space = {"trainer.lr": FloatDistribution(0.003, 0.3, log=True),

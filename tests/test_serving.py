@@ -12,7 +12,7 @@ from ptune.checkpoint import save_checkpoint
 from ptune.errors import PtuneError
 from ptune.inference import load_task
 from ptune.serving import PromptServer
-from ptune.train import checkpoint_meta
+from ptune.training import checkpoint_meta
 
 from .helpers import SENTENCES, batch, close, logits, make_cfg, make_task
 

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from ptune.config import TrainerConfig
+from ptune.efficiency.memory import check_combination
 from ptune.errors import PtuneError
-from ptune.memory import check_combination
 
 from .test_cli import csv_overrides, ptune
 from .test_ddp import torchrun

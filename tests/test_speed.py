@@ -11,11 +11,11 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from ptune.batching import Encoded, collate
-from ptune.cli import compose
-from ptune.frozen import cast_frozen_linears
+from ptune.config import compose
+from ptune.efficiency.frozen import cast_frozen_linears
 from ptune.runtime import attention_kernel, compile_backbone, configure_threads, cpu_cores
-from ptune.train import run_training
-from ptune.tuners.ptuning_v2.model import split_sites
+from ptune.training import run_training
+from ptune.tuners.base import split_sites
 
 from .helpers import batch, make_cfg, make_task
 from .test_cli import csv_overrides

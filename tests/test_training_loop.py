@@ -21,9 +21,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from ptune.checkpoint import trainable_state
-from ptune.cli import compose
+from ptune.config import compose
 from ptune.errors import PtuneError
-from ptune.train import run_training
+from ptune.training import run_training
 
 from .conftest import write_csv
 from .helpers import SENTENCES

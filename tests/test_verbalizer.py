@@ -12,7 +12,7 @@ from ptune.checkpoint import save_checkpoint
 from ptune.errors import PtuneError
 from ptune.inference import load_task
 from ptune.readouts.verbalizer import build_verbalizer
-from ptune.train import checkpoint_meta
+from ptune.training import checkpoint_meta
 
 from .helpers import LABELS, SENTENCES, amp_context, batch, close, logits, make_cfg, make_task
 
@@ -239,7 +239,7 @@ def test_training_saves_the_calibration_of_the_saved_prompt(tiny_models, tmp_pat
     from omegaconf import OmegaConf
 
     from ptune.checkpoint import read_checkpoint
-    from ptune.train import run_training
+    from ptune.training import run_training
 
     rows = "".join(f'"{s}",{LABELS[i % 2]}\n' for i, s in enumerate(SENTENCES))
     (tmp_path / "d.csv").write_text("text,label\n" + rows, encoding="utf-8")

@@ -33,9 +33,9 @@ from transformers import (
 
 from ptune.errors import PtuneError, one_line
 
+from ..efficiency.quantize import check_available as check_quantize
+from ..efficiency.quantize import quantize_backbone
 from ..families import Family, detect_family
-from ..quantize import check_available as check_quantize
-from ..quantize import quantize_backbone
 from .gguf import cached_folder, gguf_cache
 from .heads import is_lm_model, missing_head_keys
 from .identity import identity, sha256_cached
@@ -65,7 +65,7 @@ def load_backbone(name: str, *, with_lm_head: bool, dtype: str = "float32", quan
 
     Causal and seq2seq models always come with their LM head. ``has_lm_head`` reports whether the head
     weights really came from the checkpoint (a bare encoder such as minilm gets a random head that the
-    caller must refuse). ``quantize`` (none | int8 | nf4, ``ptune.quantize``) stores the transformer blocks'
+    caller must refuse). ``quantize`` (none | int8 | nf4, ``ptune.efficiency.quantize``) stores the transformer blocks'
     weights in 8 or 4 bits right after loading, where the model was loaded (the CPU), so that only the quantised
     weights travel to the GPU.
     """

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PtuneError, one_line
+from .records import build_split, column_mapping
 
 # ptune's split -> the names a `datasets` source may use for it, in order of preference
 _SPLIT_NAMES = {"train": ("train",), "dev": ("validation", "dev", "valid"), "test": ("test",)}
 
 
 def load_hf_split(cfg: Mapping[str, Any], split: str, data_root: str | None):
-    from .sources import _build_split, column_mapping
 
     source = cfg.get("path")
     if not isinstance(source, str) or not source:
@@ -46,7 +46,7 @@ def load_hf_split(cfg: Mapping[str, Any], split: str, data_root: str | None):
             "map fields with dataset.fields.NAME=COLUMN and the label with dataset.label_column=COLUMN"
         )
     records = ((f"{where} [{name}] row {i + 1}", row) for i, row in enumerate(table))
-    return _build_split(records, fields, label_column, label_names, f"{where} [{name}]")
+    return build_split(records, fields, label_column, label_names, f"{where} [{name}]")
 
 
 def _open(where: str, config_name: Any):

@@ -166,3 +166,30 @@ def init_soft_vectors(
     if fixed:
         base[[i for i, _ in fixed]] = ctx.embed([t for _, t in fixed])
     return base
+
+
+# ------------------------------------------------------------------------ shared by the method folders
+# Method folders never import each other: what two of them share lives here.
+
+INITS = ("random", "vocab", "text", "labels")  # how soft tokens start (soft_prompt, and ptuning_v1's encoder seeds)
+
+
+def initial_prefixes(ctx: TunerContext, length: int, init: str, generator: torch.Generator) -> torch.Tensor:
+    """[sites, 2, heads, length, head_dim]: keys/values of real tokens (well scaled), or small noise."""
+    s = ctx.sites
+    heads, dim = s[0].heads, s[0].head_dim
+    if init == "vocab" and ctx.site_init is not None and length > 0:
+        kv = ctx.site_init(length)
+        return torch.stack([torch.stack([k[0], v[0]]) for k, v in kv]).float()
+    return torch.randn(len(s), 2, heads, length, dim, generator=generator) * 0.02
+
+
+def split_sites(prefix: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[sites, 2, heads, length, dim] -> per site (key, value) [1, heads, length, dim].
+
+    Under autocast the whole prefix is cast once here (not once per site and layer), and ``unbind`` views
+    backpropagate as one stack rather than one full-size zero gradient per indexed site."""
+    device = prefix.device.type
+    if torch.is_autocast_enabled(device):
+        prefix = prefix.to(torch.get_autocast_dtype(device))
+    return [(k, v) for k, v in (site.unbind(0) for site in prefix.unsqueeze(2).unbind(0))]

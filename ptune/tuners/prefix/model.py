@@ -3,8 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..base import Tuner, TunerContext
-from ..ptuning_v2.model import initial_prefixes, split_sites
+from ..base import Tuner, TunerContext, initial_prefixes, split_sites
 from .config import PrefixConfig
 
 

@@ -2,8 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..base import MethodConfig
-from ..soft_prompt.config import INITS
+from ..base import INITS, MethodConfig
 
 
 @dataclass

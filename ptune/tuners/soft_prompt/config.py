@@ -2,9 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..base import MethodConfig
-
-INITS = ("random", "vocab", "text", "labels")
+from ..base import INITS, MethodConfig
 
 
 @dataclass

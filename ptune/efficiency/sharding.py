@@ -20,15 +20,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import transformer_layers
-from .errors import PtuneError, one_line
+from ..blocks import transformer_layers
+from ..errors import PtuneError, one_line
 
 
 def shard_backbone(model: nn.Module, device: torch.device) -> int:
     """Shard every transformer block of ``model`` over the default process group; returns how many blocks.
 
-    Call it after the model reached ``device`` and after the frozen-backbone speed-ups (``ptune.frozen``), which
-    need whole tensors."""
+    Call it after the model reached ``device`` and after the frozen-backbone speed-ups
+    (``ptune.efficiency.frozen``), which need whole tensors."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

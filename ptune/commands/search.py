@@ -39,10 +39,11 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from . import config, runfolder
-from .atomic import atomic_write_text
-from .errors import PtuneError, one_line
-from .report import table_console
+from .. import config, runfolder
+from ..atomic import atomic_write_text
+from ..config import override_value
+from ..errors import PtuneError, one_line
+from ..progress import table_console
 
 STUDY = "ptune"
 DB = "optuna.db"
@@ -79,7 +80,7 @@ def unreadable(db: Path, exc: Exception) -> PtuneError:
 
 def _older_search(folder: Path) -> bool:
     """A search folder of a ptune older than ``runfolder.MARKER``: its saved settings and its study."""
-    from .checkpoint import load_plain_yaml
+    from ..checkpoint import load_plain_yaml
 
     if not (folder / DB).is_file():
         return False
@@ -194,7 +195,6 @@ def _compose_search(search_args: list[str]) -> tuple[str, config.SearchConfig]:
 
 
 def _from_file(path: Path, overrides: list[str]) -> config.SearchConfig:
-    from .inference import override_value
 
     if not path.is_file():
         raise PtuneError(f"hparams_search={str(path)!r}: no such file")
@@ -241,7 +241,6 @@ def _first_values(spec: config.SearchConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------- run
 def search_main(argv: list[str]) -> Path:
     """`ptune search` (and ``ptune.search``); returns the search folder."""
-    from .inference import override_value
 
     resume_dir = None
     if argv[:1] == ["--resume"]:
@@ -266,7 +265,7 @@ def search_main(argv: list[str]) -> Path:
 
 
 def _resume(folder: Path, search_args: list[str], user: list[str]):
-    from .checkpoint import load_plain_yaml
+    from ..checkpoint import load_plain_yaml
 
     try:
         saved = load_plain_yaml(folder / SAVED)
@@ -280,7 +279,6 @@ def _resume(folder: Path, search_args: list[str], user: list[str]):
             f"{str(folder / SAVED)!r} is not the search settings ptune writes ({one_line(exc, 120)}): expected "
             "name, search and overrides; nothing changed"
         ) from None
-    from .inference import override_value
 
     for a in search_args:
         key = a.partition("=")[0]
@@ -304,7 +302,7 @@ def run_search(folder: Path, name: str, spec: config.SearchConfig, user: list[st
     import optuna
     from optuna.trial import TrialState
 
-    from .train import run_training
+    from ..training import run_training
 
     compose_trial(trial_overrides(spec, user, _first_values(spec)))  # every key and value checked first
     dists = distributions(spec.params)
@@ -421,7 +419,7 @@ def write_search_report(folder: Path):
 def _plot(path: Path, study, trials, keys: list[str], metric: str) -> bool:
     from optuna.trial import TrialState
 
-    from .metrics import _pyplot, _save
+    from ..metrics import _pyplot, _save
 
     plt = _pyplot()
     if plt is None:

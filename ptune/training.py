@@ -26,15 +26,16 @@ from .build import Task, build_task, encode
 from .checkpoint import load_trainable_state, read_checkpoint, save_checkpoint
 from .config import TrainerConfig, trainer_config
 from .data import load_train_dev
+from .efficiency.frozen import prepare_frozen_backbone
+from .efficiency.memory import apply_memory_features, check_combination
 from .errors import PtuneError
-from .evaluate import autocast, evaluate
-from .frozen import prepare_frozen_backbone
-from .memory import apply_memory_features, check_combination
+from .evaluate import evaluate
 from .metrics import plot_confusion
 from .progress import Reporter, SilentReporter
 from .resume import LoopState
 from .runtime import (
     attention_kernel,
+    autocast,
     compile_backbone,
     configure_threads,
     peak_memory,

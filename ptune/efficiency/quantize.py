@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .blocks import transformer_layers
-from .errors import PtuneError
+from ..blocks import transformer_layers
+from ..errors import PtuneError
 
 MODES = ("none", "int8", "nf4")
 NF4_BLOCK = 64  # weights per 4-bit block (one scale each): QLoRA's value
@@ -29,7 +29,7 @@ NF4_SHARDABLE = 8  # scale groups per weight come in multiples of this: FSDP2 ca
 
 def is_quantized(tensor: torch.Tensor) -> bool:
     """A weight stored by torchao (a tensor subclass): it cannot be cast, concatenated or indexed like a plain
-    tensor, so the frozen-backbone speed-ups (``ptune.frozen``) leave it alone."""
+    tensor, so the frozen-backbone speed-ups (``ptune.efficiency.frozen``) leave it alone."""
     data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
     return type(data).__module__.startswith("torchao.")
 

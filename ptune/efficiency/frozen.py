@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..tuners.deep_attention import is_cross_attention
 from .quantize import is_quantized
-from .tuners.deep_attention import is_cross_attention
 
 # Sibling projections that read the same input in the families we support (BERT, Llama/Gemma/SmolLM, T5/mT5).
 FUSABLE_GROUPS: tuple[tuple[str, ...], ...] = (

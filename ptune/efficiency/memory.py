@@ -1,18 +1,18 @@
 """The memory features for large frozen backbones, together: which combinations work, and applying them in order.
 
-``backbone.quantize`` (ptune/quantize.py) happens when the backbone loads; ``trainer.gradient_checkpointing``
-(ptune/checkpointing.py) and ``trainer.shard_backbone`` (ptune/sharding.py) are applied here, to a task already on
-its device and after the frozen-backbone speed-ups (ptune/frozen.py), which need whole, plain tensors.
+``backbone.quantize`` (quantize.py) happens when the backbone loads; ``trainer.gradient_checkpointing``
+(activation_checkpointing.py) and ``trainer.shard_backbone`` (sharding.py) are applied here, to a task already on
+its device and after the frozen-backbone speed-ups (frozen.py), which need whole, plain tensors.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .build import Task
-from .checkpointing import enable_gradient_checkpointing
-from .config import TrainerConfig
-from .errors import PtuneError
+from ..build import Task
+from ..config import TrainerConfig
+from ..errors import PtuneError
+from .activation_checkpointing import enable_gradient_checkpointing
 from .sharding import shard_backbone
 
 

@@ -26,8 +26,8 @@ from torch import nn
 from torch.nn.attention import _cur_sdpa_kernel_backends, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from .blocks import transformer_layers
-from .tuners import deep_attention as da
+from ..blocks import transformer_layers
+from ..tuners import deep_attention as da
 
 # Layer keyword arguments that carry a KV cache: a recomputation would append its keys and values a second time
 # (and a cache keeps every layer's keys/values alive, which checkpointing is there to avoid). transformers drops
