@@ -123,7 +123,7 @@ def broadcast_object(obj):
 def hydra_overrides(argv: list[str]) -> list[str]:
     """Under torchrun: all ranks get rank 0's run folder (unless ``hydra.run.dir`` is given) and only rank 0
     writes into it before training: Hydra's ``.hydra/`` bookkeeping and its log file. The other ranks log to their
-    stdout, because rank 0 checks the folder for files a new run would overwrite (``cli.log`` among them) and may
+    stdout, because rank 0 checks the folder for files a new run would overwrite (Hydra's job log among them) and may
     do so after another rank's Hydra has started: that rank's log file was refused as a user's."""
     if env_world_size() <= 1:
         return argv
