@@ -197,15 +197,20 @@ def test_search_folder_with_a_foreign_entry_is_refused(what, tiny_models, tiny_c
     assert_one_line_error(code, out, err, str(folder))
 
 
-@pytest.fixture(scope="module")
-def finished_search(tiny_models, tmp_path_factory) -> Path:
-    """A real one-trial search (a ptune search folder)."""
+def _labelled_csvs(root: Path) -> dict[str, Path]:
+    """Train and dev CSVs of the tiny sentences, labelled negative/positive in turn (the module fixtures' data)."""
     from .conftest import write_csv
     from .helpers import SENTENCES
 
-    root = tmp_path_factory.mktemp("search")
     rows = [(s, ["negative", "positive"][i % 2]) for i, s in enumerate(SENTENCES * 4)]
-    csvs = {"train": write_csv(root / "train.csv", rows), "dev": write_csv(root / "dev.csv", rows[:12])}
+    return {"train": write_csv(root / "train.csv", rows), "dev": write_csv(root / "dev.csv", rows[:12])}
+
+
+@pytest.fixture(scope="module")
+def finished_search(tiny_models, tmp_path_factory) -> Path:
+    """A real one-trial search (a ptune search folder)."""
+    root = tmp_path_factory.mktemp("search")
+    csvs = _labelled_csvs(root)
     folder = root / "search"
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
@@ -366,12 +371,8 @@ def test_report_never_replaces_a_users_summary(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ predict
 @pytest.fixture(scope="module")
 def trained(tiny_models, tmp_path_factory) -> Path:
-    from .conftest import write_csv
-    from .helpers import SENTENCES
-
     root = tmp_path_factory.mktemp("trained")
-    rows = [(s, ["negative", "positive"][i % 2]) for i, s in enumerate(SENTENCES * 4)]
-    csvs = {"train": write_csv(root / "train.csv", rows), "dev": write_csv(root / "dev.csv", rows[:12])}
+    csvs = _labelled_csvs(root)
     run = root / "run"
     args = [*csv_overrides(tiny_models, csvs), *TINY, "method=soft_prompt", f"hydra.run.dir={run}"]
     with pytest.MonkeyPatch.context() as mp:
