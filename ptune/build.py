@@ -15,6 +15,7 @@ from .errors import PtuneError
 from .families import Family
 from .prompt_model import PromptModel
 from .readouts import Verbalizer, readout_class
+from .runtime import settle_backbone_dtype
 from .template import TemplateRenderer, parse_template
 from .token_cache import render_split
 from .tuners import MethodConfig, TunerContext, build_tuner, method_config, soft_token_methods, tuner_class
@@ -40,6 +41,8 @@ def as_dict(cfg: Any) -> dict:
 def build_task(cfg: DictConfig, label_names: list[str], seed: int, backbone: Backbone | None = None) -> Task:
     """``backbone``: an already loaded one to reuse (multi-prompt serving shares one across checkpoints)."""
     method = method_config(as_dict(cfg.method))
+    if backbone is None:
+        settle_backbone_dtype(cfg)  # backbone.dtype=auto: training settled it already; a checkpoint saves it settled
     tcfg: TemplateConfig = section(cfg, "template")
     bcfg: BackboneConfig = section(cfg, "backbone")
     readout_cls = readout_class(tcfg.readout)

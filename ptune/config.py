@@ -49,14 +49,17 @@ class BackboneConfig:
     """The frozen model: a packaged name (minilm, cassette-bert, smollm2, gemma3-270m), a local folder or a Hub id."""
 
     name: str = MISSING  # packaged name (minilm, cassette-bert, smollm2, gemma3-270m), a local folder or a Hub id
-    dtype: str = "float32"  # weights as stored in memory: float32 | bfloat16 | float16
+    # weights as stored in memory: float32 | bfloat16 | float16 | auto (the packaged decoders' default: bfloat16
+    # where the device computes it natively, CUDA with bf16 or a CPU with AMX or AVX512-BF16, else float32; the
+    # checkpoint saves the resolved value, so eval and predict load the same dtype on any machine)
+    dtype: str = "float32"
     max_length: int = 256  # tokens per input, prompt included (capped by the model's positions)
     quantize: str = "none"  # the frozen blocks' weights: none | int8 | nf4 (torchao; efficiency/quantize.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise PtuneError(f"backbone.name={self.name!r} must name a packaged model, a folder or a Hub id")
-        _choice("backbone", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choice("backbone", "dtype", self.dtype, ("float32", "bfloat16", "float16", "auto"))
         _integer("backbone", "max_length", self.max_length, 1, 1 << 20)
         _choice("backbone", "quantize", self.quantize, ("none", "int8", "nf4"))
 

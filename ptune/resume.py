@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_folder, readable_folder
 from .errors import PtuneError
+from .runtime import AUTO_DTYPE
 
 STATE_DIR = "resume"
 CONFIG = "config.yaml"  # the config the state was trained with (Hydra rewrites .hydra/config.yaml at each start)
@@ -163,6 +164,8 @@ def check_same_config(out_dir: Path, cfg: DictConfig) -> list[str]:
     if folder is None:  # a state written before ptune saved its config: nothing to compare with
         return []
     saved = _flatten(OmegaConf.to_container(load_plain_yaml(folder / CONFIG)))
+    if cfg.backbone.get("dtype") == AUTO_DTYPE and saved.get("backbone.dtype") not in (None, AUTO_DTYPE):
+        cfg.backbone.dtype = saved["backbone.dtype"]  # auto as settled when the run started, whatever this machine has
     now = _flatten(OmegaConf.to_container(_comparable(cfg), resolve=True))
     saved = _keys_added_since(saved, now, cfg.get("method", {}).get("name")) | saved
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k, "<unset>") != now.get(k, "<unset>"))

@@ -33,7 +33,7 @@ from .errors import PtuneError
 from .inference import apply_overrides, check_same_backbone, identity_mismatch
 from .prompt_model import PromptModel
 from .readouts import readout_class
-from .runtime import autocast, pick_amp, pick_device, seed_everything
+from .runtime import autocast, pick_amp, pick_device, seed_everything, settle_backbone_dtype
 from .tuners import deep_attention as da
 
 
@@ -67,7 +67,9 @@ def load_prompts(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> 
     for p in paths:
         ckpt = find_checkpoint(p)
         cfg, meta, state = read_checkpoint(ckpt)
-        loaded.append((str(p), ckpt, apply_overrides(cfg, list(overrides)), meta, state))
+        cfg = apply_overrides(cfg, list(overrides))
+        settle_backbone_dtype(cfg)  # an override backbone.dtype=auto: this machine's choice, one for all
+        loaded.append((str(p), ckpt, cfg, meta, state))
     first_name, first_ckpt, first_cfg, first_meta, _ = loaded[0]
     ref, shared = first_meta.get("backbone", {}), section(first_cfg, "backbone")
     for name, _ckpt, cfg, meta, _ in loaded[1:]:

@@ -42,6 +42,7 @@ from .runtime import (
     pick_amp,
     pick_device,
     seed_everything,
+    settle_backbone_dtype,
 )
 
 
@@ -118,6 +119,7 @@ class Run:
     pending: list[tuple[int, torch.Tensor, float]] = field(default_factory=list)
     last_loss: float = float("nan")
     setup_s: float = 0.0  # run start to the first step: loading, tokenising, preparing the backbone
+    weights: str = ""  # how backbone.dtype was settled (runtime.settle_backbone_dtype), for the first line
 
     @property
     def model(self):
@@ -135,6 +137,9 @@ class Run:
     def announce(self, loop: LoopState, changed: list[str] | None) -> None:
         trainable = sum(p.numel() for p in self.params)
         total = trainable + sum(p.numel() for p in self.task.backbone.model.parameters())
+        autocast_name = str(self.amp).removeprefix("torch.") if self.amp else "none (fp32)"
+        self.reporter.message(f"precision: {self.weights}; autocast {autocast_name} "
+                              f"(trainer.precision={self.tr.precision})")
         self.reporter.message(
             f"training {self.task.method.name} on {self.cfg.backbone.name} ({self.task.backbone.family}), "
             f"{trainable:,} trainable of {total:,} params; {len(self.train_data)} train / {len(self.dev_data)} "
@@ -160,6 +165,7 @@ def prepare(cfg: DictConfig, tr: TrainerConfig, d: distributed.Dist, out_dir: Pa
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
     amp = pick_amp(tr.precision, device)
+    weights = settle_backbone_dtype(cfg, device)  # before the task is built and the config saved with it
     check_combination(tr, str(cfg.backbone.get("quantize", "none")), d.world_size)
     train_split, dev_split = load_train_dev(cfg, tr.seed)
     task = build_task(cfg, train_split.label_names, tr.seed)
@@ -185,6 +191,7 @@ def prepare(cfg: DictConfig, tr: TrainerConfig, d: distributed.Dist, out_dir: Pa
         rng=random.Random(tr.seed),
         class_weight=class_weights(tr, task, train_split.labels, device),
         lengths=[len(x) for x in train_data.input_ids],
+        weights=weights,
     )  # fmt: skip
 
 

@@ -158,6 +158,8 @@ def test_shipped_search_spaces_compose():
     from ptune.config import SearchConfig, config_dir, section
 
     for path in sorted((config_dir() / "hparams_search").glob("*.yaml")):
+        if path.stem in ("soft_prompt", "ptuning_v1", "ptuning_v2", "prefix"):  # generic: test_search_spaces.py
+            continue
         spec = section(compose([f"+hparams_search={path.stem}"]), "search", SearchConfig)
         assert spec.experiment and spec.params and any("validation" in o for o in spec.overrides), path
         assert (config_dir() / "experiment" / f"{spec.experiment}.yaml").is_file()

@@ -238,6 +238,62 @@ def _first_values(spec: config.SearchConfig) -> dict[str, Any]:
     return {k: (v["choices"][0] if v["type"] == "categorical" else v["low"]) for k, v in spec.params.items()}
 
 
+# dataset.validation when the user sets none (fit_space): a fifth of the training split, as CB's 250 examples need
+# to hold out a few of their 16 neutral ones (5 in 75 at 30%, 3 in 50 at 20%), at most 2000 examples, as many as the
+# sst2_ptv2 search judged its trials on (docs/results/search.md); the rest stays training data.
+AUTO_HOLD_OUT = 0.2
+AUTO_HOLD_OUT_MAX = 2000
+
+
+def fit_space(spec: config.SearchConfig, user: list[str]) -> config.SearchConfig:
+    """A new search's space fitted to the trials it will run (the backbone, data set and template the space or
+    your overrides name), saying each change on stdout:
+
+    - without ``dataset.validation`` (a generic space such as ``+hparams_search=ptuning_v2`` on your data set),
+      every trial holds out ``AUTO_HOLD_OUT`` of the training split (at most ``AUTO_HOLD_OUT_MAX`` examples),
+      stratified by class as ``dataset.validation`` always is, and selects on it: dev is never read;
+    - a searched key that the trials' template does not use (``trainer.head_lr`` without a head, class weights for
+      ``readout=generate``) is dropped, so TPE does not spend trials on it and the report does not show it;
+    - ``method=OTHER`` among your overrides, against a space that trains ``method=NAME``, is refused: the space's
+      keys and ranges are NAME's.
+    """
+    from ..data.sources import load_split
+
+    fixed = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in spec.overrides if "=" in o}
+    for item in user:
+        key, _, value = item.lstrip("+").partition("=")
+        if key == "method" and "method" in fixed and value != fixed["method"]:
+            raise PtuneError(f"{item!r}: this search space tunes method={fixed['method']}; drop {item!r}, or name "
+                             f"the space of that method (+hparams_search={value})")
+    cfg = compose_trial(trial_overrides(spec, user, _first_values(spec)))
+    params = dict(spec.params)
+    for key, why in unused_params(cfg).items():
+        if params.pop(key, None) is not None:
+            print(f"ptune search: {key} is not searched: {why}", flush=True)
+    overrides = list(spec.overrides)
+    if cfg.dataset.get("validation") is None:
+        n = len(load_split(cfg.dataset, "train", cfg.data.get("root")).labels)
+        value: float | int = AUTO_HOLD_OUT if AUTO_HOLD_OUT * n <= AUTO_HOLD_OUT_MAX else AUTO_HOLD_OUT_MAX
+        overrides.append(f"dataset.validation={value}")
+        held = round(value * n) if value < 1 else value
+        how = "stratified by class" if cfg.dataset.get("validation_stratify", True) else "drawn at random"
+        print(f"ptune search: dataset.validation is not set: every trial holds out the same {held} of the {n} "
+              f"training examples (dataset.validation={value}, {how}) and is judged on them; dev is never read",
+              flush=True)
+    return dataclasses.replace(spec, overrides=overrides, params=params)
+
+
+def unused_params(cfg) -> dict[str, str]:
+    """Searchable keys that a trial config ``cfg`` does not use, with the reason."""
+    readout = str(cfg.template.get("readout"))
+    unused = {}
+    if readout != "head":
+        unused["trainer.head_lr"] = f"template.readout={readout} trains no head"
+    if readout == "generate":
+        unused["trainer.class_weights"] = "template.readout=generate has no classes to weigh"
+    return unused
+
+
 # ------------------------------------------------------------------------------------------------------- run
 def search_main(argv: list[str]) -> Path:
     """`ptune search` (and ``ptune.search``); returns the search folder."""
@@ -258,6 +314,7 @@ def search_main(argv: list[str]) -> Path:
         if resume_dir is not None or any(a in ("search.resume=true", "search.resume=True") for a in search_args):
             raise PtuneError(f"nothing to resume: {str(folder)!r} holds no search ({SAVED})")
         name, spec = _compose_search(search_args)
+        spec = fit_space(spec, user)
         stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         folder = Path(spec.dir) if spec.dir else Path("outputs") / "search" / name / stamp
     run_search(folder, name, spec, user)
