@@ -426,3 +426,19 @@ def test_missing_real_data_skips_with_its_reason_or_fails_under_ci(monkeypatch):
     monkeypatch.setenv(REQUIRE_REAL, "1")
     with pytest.raises(pytest.fail.Exception, match="absent"):
         missing("data absent")
+
+
+# ------------------------------------------------------------------------------------ the data-set registry
+def _conf_dataset_names() -> list[str]:
+    from ptune.config import config_dir
+
+    return sorted(p.stem for p in (config_dir() / "dataset").glob("*.yaml"))
+
+
+def test_the_valid_names_are_the_registry():
+    """One home for the list of data sets: VALID_DATASETS (kept importable) is derived from DATASETS, and the
+    config group offers exactly the registered data sets."""
+    from ptune.data import VALID_DATASETS
+
+    assert VALID_DATASETS == tuple(sources.DATASETS)
+    assert sorted(sources.DATASETS) == _conf_dataset_names()
