@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from .atomic import atomic_write_json
 from .backbone import Backbone
+from .backbone.identity import check_same_backbone
 from .build import Task, build_task, encode
 from .checkpoint import find_checkpoint, load_trainable_state, read_checkpoint
 from .config import apply_overrides, trainer_config
@@ -20,8 +21,6 @@ from .efficiency.frozen import prepare_frozen_backbone
 from .errors import PtuneError
 from .evaluate import evaluate
 from .runtime import pick_amp, pick_device, seed_everything
-
-IDENTITY_KEYS = ("model_type", "hidden_size", "num_layers", "vocab_size")
 
 
 @dataclass
@@ -57,23 +56,6 @@ def load_task(path: str | Path, overrides: list[str] | None = None) -> tuple[Tas
     """The one loader of a prompt checkpoint (eval, predict, export, serving through read_saved and rebuild)."""
     saved = read_saved(path, overrides or [])
     return rebuild(saved), saved.cfg, saved.checkpoint, saved.meta
-
-
-def identity_mismatch(a: dict, b: dict) -> str | None:
-    """The first identity key on which two backbone identities disagree, or None."""
-    for key in ("sha256", *IDENTITY_KEYS):
-        if key in a and key in b and a[key] != b[key]:
-            return key
-    return None
-
-
-def check_same_backbone(saved: dict, current: dict, where: Path) -> None:
-    key = identity_mismatch(saved, current)
-    if key is not None:
-        raise PtuneError(
-            f"checkpoint {str(where)!r} was trained on a different backbone: {key} {saved[key]!r} there, "
-            f"{current[key]!r} for {current.get('name_or_path')!r}"
-        )
 
 
 def load_split_named_by_user(cfg: DictConfig, split_name: str) -> Split:

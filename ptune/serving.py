@@ -24,12 +24,13 @@ import torch
 from omegaconf import DictConfig
 
 from .backbone import Backbone, load_backbone
+from .backbone.identity import identity_mismatch
 from .batching import Encoded, collate, eval_batches
 from .build import Task
 from .config import section, trainer_config
 from .efficiency.frozen import prepare_frozen_backbone
 from .errors import PtuneError
-from .inference import identity_mismatch, read_saved, rebuild
+from .inference import read_saved, rebuild
 from .prompt_model import PromptModel
 from .readouts import readout_class
 from .runtime import autocast, pick_amp, pick_device
