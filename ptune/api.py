@@ -86,11 +86,11 @@ def _plain(value: Any) -> Any:
 
 
 def _parse(text: str) -> Any:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from .config import override_value
 
     try:
-        return OverridesParser.create().parse_overrides([f"k={text}"])[0].value()
-    except Exception:  # noqa: BLE001 - a value the grammar refuses compares unequal: it gets quoted
+        return override_value(f"k={text}")
+    except PtuneError:  # a value the grammar refuses (or a sweep) compares unequal: it gets quoted
         return _UNPARSED
 
 
@@ -182,8 +182,7 @@ class Predictor:
 
     def __init__(self, path: str | Path, overrides: Overrides = None, device: str | None = None):
         from .checkpoint import find_checkpoint, read_checkpoint
-        from .config import section
-        from .inference import apply_overrides
+        from .config import apply_overrides, section
         from .readouts import readout_class
         from .template import parse_template
 
