@@ -167,7 +167,7 @@ def _importers_of(module: str, root: Path = PTUNE) -> list[str]:
 def test_helpers_sit_in_their_homes():
     """Hydra's override grammar is read in config.py only (config.parse_overrides, override_value, apply_overrides;
     report, the API and `ptune train` each called it themselves); the checkpoint loader and the backbone identity
-    checks are defined once, where they belong."""
+    checks are defined once, where they belong, and checkpoints are read through the one loader."""
     assert _importers_of("hydra.core.override_parser") == ["ptune.config"]
     defined: dict[str, list[str]] = {}
     for path in sorted(PTUNE.rglob("*.py")):
@@ -181,3 +181,18 @@ def test_helpers_sit_in_their_homes():
         "load_task": "ptune.inference", "read_saved": "ptune.inference", "rebuild": "ptune.inference",
     }
     assert {name: defined.get(name) for name in homes} == {name: [home] for name, home in homes.items()}
+    # a saved prompt is read (found, read, overridden) by inference.read_saved only; training reads back its own
+    readers = [m for m in _callers_of("read_checkpoint") if m not in ("ptune.checkpoint", "ptune.training")]
+    assert readers == ["ptune.inference"], readers
+
+
+def _callers_of(function: str, root: Path = PTUNE) -> list[str]:
+    """The ptune modules that call ``function`` by name (plain or as an attribute)."""
+    found = set()
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if name == function:
+                    found.add(_module_name(path, root))
+    return sorted(found)
