@@ -336,20 +336,12 @@ def to_markdown(root: Path, keys: list[str], rows: list[dict[str, Any]], failed:
 
 
 def print_table(root: Path, keys: list[str], rows: list[dict[str, Any]], failed: list[Run]) -> None:
-    from rich.table import Table
+    from .progress import print_table as print_rich_table
 
-    table = Table(title=f"ptune report: {root}")
-    for k in keys:
-        table.add_column(k)
-    table.add_column(f"{_metric_title(rows)} (mean ± std)", justify="right")
-    for name, _ in DISPLAY[1:]:
-        table.add_column(name, justify="right")
-    for r in rows:
-        table.add_row(*[_fmt(r[k]) for k in keys], *[fn(r) for _, fn in DISPLAY])
-    from .progress import table_console
-
-    console = table_console()
-    console.print(table)
+    columns = [*keys, (f"{_metric_title(rows)} (mean ± std)", "right"), *((name, "right") for name, _ in DISPLAY[1:])]
+    console = print_rich_table(
+        f"ptune report: {root}", columns, ([*[_fmt(r[k]) for k in keys], *[fn(r) for _, fn in DISPLAY]] for r in rows)
+    )
     for r in failed:
         console.print(f"[red]failed[/red] {_rel(r.path, root)}: {r.error}", highlight=False)
 

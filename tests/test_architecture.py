@@ -166,9 +166,11 @@ def _importers_of(module: str, root: Path = PTUNE) -> list[str]:
 
 def test_helpers_sit_in_their_homes():
     """Hydra's override grammar is read in config.py only (config.parse_overrides, override_value, apply_overrides;
-    report, the API and `ptune train` each called it themselves); the checkpoint loader and the backbone identity
+    report, the API and `ptune train` each called it themselves), console tables are drawn in progress.py only (eval,
+    report and search each built theirs); the checkpoint loader and the backbone identity
     checks are defined once, where they belong, and checkpoints are read through the one loader."""
     assert _importers_of("hydra.core.override_parser") == ["ptune.config"]
+    assert _importers_of("rich.table") == ["ptune.progress"]  # tables are drawn by progress.print_table
     defined: dict[str, list[str]] = {}
     for path in sorted(PTUNE.rglob("*.py")):
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
