@@ -107,9 +107,10 @@ class TemplateConfig:
 
 @dataclass
 class DatasetConfig:
-    """A built-in data set (sst2, cb, inews) or your own file (csv, tsv, jsonl: the *_file, fields and label keys)."""
+    """A registered data set: a built-in one, or your own files (the *_file, fields and label keys) or a `datasets`
+    source (path, config_name)."""
 
-    name: str = MISSING  # sst2 | cb | inews | csv | tsv | jsonl | hf
+    name: str = MISSING  # the registered data set to read (the list above)
     eval_split: str = "dev"  # the split evaluations read: dev (test with dataset.test_file)
     max_train_samples: int | None = None  # a seeded random subset (null: all)
     max_eval_samples: int | None = None  # a seeded random subset of the eval split (null: all)

@@ -503,9 +503,10 @@ def test_every_data_set_without_its_data_fails_in_one_line(name: str, tmp_path: 
 
 @pytest.mark.parametrize("name", REGISTERED)
 def test_the_config_reference_names_every_data_set(name: str):
-    """dataset.name's description (DatasetConfig, and the config reference generated from it) lists the data sets."""
+    """The config reference's dataset section lists the data sets dataset.name accepts (read from the registry when
+    the page is generated; tests/test_docs.py keeps the committed page current)."""
     import re
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "reference" / "config.md").read_text(encoding="utf-8")
-    row = re.search(r"^\| `dataset\.name` \|.*$", page, re.M)
-    assert row and re.search(rf"\b{re.escape(name)}\b", row.group(0).split("|", 4)[-1]), row
+    line = re.search(r"^`dataset\.name` is one of the registered data sets .*$", page, re.M)
+    assert line and f"`{name}`" in line.group(0), line
