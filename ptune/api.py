@@ -86,11 +86,11 @@ def _plain(value: Any) -> Any:
 
 
 def _parse(text: str) -> Any:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from .config import override_value
 
     try:
-        return OverridesParser.create().parse_overrides([f"k={text}"])[0].value()
-    except Exception:  # noqa: BLE001 - a value the grammar refuses compares unequal: it gets quoted
+        return override_value(f"k={text}")
+    except PtuneError:  # a value the grammar refuses (or a sweep) compares unequal: it gets quoted
         return _UNPARSED
 
 
@@ -181,19 +181,18 @@ class Predictor:
     """A saved prompt checkpoint, loaded once: ``predict`` as ``ptune predict``, ``evaluate`` as ``ptune eval``."""
 
     def __init__(self, path: str | Path, overrides: Overrides = None, device: str | None = None):
-        from .checkpoint import find_checkpoint, read_checkpoint
         from .config import section
-        from .inference import apply_overrides
+        from .inference import read_saved
         from .readouts import readout_class
         from .template import parse_template
 
         self.path = Path(path)
         self.overrides = as_overrides(overrides)
         self.device = device
-        self.checkpoint = find_checkpoint(path)
-        cfg, meta, _ = read_checkpoint(self.checkpoint)
-        template = section(apply_overrides(cfg, self.overrides), "template")
-        self.label_names: list[str] = list(meta["label_names"])
+        saved = read_saved(path, self.overrides)  # the one checkpoint reader, as eval and predict use
+        self.checkpoint = saved.checkpoint
+        template = section(saved.cfg, "template")
+        self.label_names: list[str] = list(saved.meta["label_names"])
         self.fields: list[str] = parse_template(template.text).field_names  # what one text fills
         self.generates = readout_class(template.readout).generates_text  # `ptune predict --generate`
         self._server = None

@@ -31,7 +31,11 @@ class Task:
     verbalizer: Verbalizer | None
     label_names: list[str]
     method: MethodConfig
-    left_pad: bool
+
+    @property
+    def left_pad(self) -> bool:
+        """Whether batches pad on the left: the family's fact (``Family.left_pad``), read there, never copied."""
+        return self.model.family.left_pad
 
 
 def as_dict(cfg: Any) -> dict:
@@ -97,7 +101,7 @@ def build_task(cfg: DictConfig, label_names: list[str], seed: int, backbone: Bac
     tuner = build_tuner(method, ctx, tok, seed)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     prompt_model = PromptModel(model, family, tuner, readout, pad_id, (len(renderer.prefix_ids) + lead, lead))
-    return Task(prompt_model, backbone, renderer, readout.verbalizer, list(label_names), method, family.left_pad)
+    return Task(prompt_model, backbone, renderer, readout.verbalizer, list(label_names), method)
 
 
 def max_input_length(backbone: Backbone, configured: int) -> int:

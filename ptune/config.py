@@ -110,9 +110,10 @@ class TemplateConfig:
 
 @dataclass
 class DatasetConfig:
-    """A built-in data set (sst2, cb, inews) or your own file (csv, tsv, jsonl: the *_file, fields and label keys)."""
+    """A registered data set: a built-in one, or your own files (the *_file, fields and label keys) or a `datasets`
+    source (path, config_name)."""
 
-    name: str = MISSING  # sst2 | cb | inews | csv | tsv | jsonl | hf
+    name: str = MISSING  # the registered data set to read (the list above)
     eval_split: str = "dev"  # the split evaluations read: dev (test with dataset.test_file)
     max_train_samples: int | None = None  # a seeded random subset (null: all)
     max_eval_samples: int | None = None  # a seeded random subset of the eval split (null: all)
@@ -456,16 +457,23 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def parse_overrides(items: list[str]) -> list[Any]:
+    """Hydra's reading of ``key=value`` override strings (its ``Override`` objects: key, value, sweep or delete):
+    the one place ptune calls Hydra's override grammar. A string it refuses is a one-line PtuneError."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return list(OverridesParser.create().parse_overrides(list(items)))
+    except Exception as exc:  # noqa: BLE001 - Hydra's grammar errors come in several types
+        named = f"override {items[0]!r} is" if len(items) == 1 else f"overrides {' '.join(map(repr, items))} are"
+        raise PtuneError(f"{named} not valid: {one_line(exc)}") from None
+
+
 def override_value(item: str) -> Any:
     """The value of ``key=value`` typed as ``ptune train`` types it (Hydra's override grammar): ``5`` is an int,
     ``[a,b]`` a list. Wrapping the raw text in OmegaConf kept every value a string, so ``max_eval_samples=5``
     reached the code as "5"."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        value = OverridesParser.create().parse_overrides([item])[0].value()
-    except Exception as exc:  # noqa: BLE001 - Hydra's grammar errors come in several types
-        raise PtuneError(f"override {item!r} is not valid: {one_line(exc)}") from None
+    value = parse_overrides([item])[0].value()
     if not isinstance(value, str | int | float | bool | list | dict | type(None)):
         raise PtuneError(f"override {item!r} is a sweep or function: give one value")
     return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import torch
 from omegaconf import DictConfig
 
 from .atomic import atomic_write_json
+from .backbone import Backbone
+from .backbone.identity import check_same_backbone
 from .build import Task, build_task, encode
 from .checkpoint import find_checkpoint, load_trainable_state, read_checkpoint
 from .config import apply_overrides, trainer_config
@@ -17,38 +20,44 @@ from .data import Split, load_split, subsample
 from .efficiency.frozen import prepare_frozen_backbone
 from .errors import PtuneError
 from .evaluate import evaluate
-from .runtime import pick_amp, pick_device, seed_everything
+from .runtime import pick_amp, pick_device, seed_everything, settle_backbone_dtype
 
-IDENTITY_KEYS = ("model_type", "hidden_size", "num_layers", "vocab_size")
+
+@dataclass
+class SavedPrompt:
+    """A prompt checkpoint read from disk with the user's overrides applied, before its model is built: what a
+    caller that loads several (serving, on one shared backbone) needs to know first."""
+
+    checkpoint: Path  # the checkpoint/ folder found from the path given
+    cfg: DictConfig
+    meta: dict
+    state: dict
+
+
+def read_saved(path: str | Path, overrides: Sequence[str] = ()) -> SavedPrompt:
+    """Find and read the checkpoint of ``path`` (a run folder or a checkpoint/ folder), ``overrides`` applied."""
+    ckpt = find_checkpoint(path)
+    cfg, meta, state = read_checkpoint(ckpt)
+    cfg = apply_overrides(cfg, list(overrides))
+    settle_backbone_dtype(cfg)  # an override backbone.dtype=auto: this machine's choice (a checkpoint saves it settled)
+    return SavedPrompt(ckpt, cfg, meta, state)
+
+
+def rebuild(saved: SavedPrompt, backbone: Backbone | None = None) -> Task:
+    """The saved prompt's Task with its trained values, on ``backbone`` if given (else the one its config names);
+    refused when that backbone is not the one the prompt was trained on."""
+    seed = trainer_config(saved.cfg).seed
+    seed_everything(seed)
+    task = build_task(saved.cfg, list(saved.meta["label_names"]), seed, backbone=backbone)
+    check_same_backbone(saved.meta.get("backbone", {}), task.backbone.identity, saved.checkpoint)
+    load_trainable_state(task.model, saved.state)
+    return task
 
 
 def load_task(path: str | Path, overrides: list[str] | None = None) -> tuple[Task, DictConfig, Path, dict]:
-    ckpt = find_checkpoint(path)
-    cfg, meta, state = read_checkpoint(ckpt)
-    cfg = apply_overrides(cfg, overrides or [])
-    tr = trainer_config(cfg)
-    seed_everything(tr.seed)
-    task = build_task(cfg, list(meta["label_names"]), tr.seed)
-    check_same_backbone(meta.get("backbone", {}), task.backbone.identity, ckpt)
-    load_trainable_state(task.model, state)
-    return task, cfg, ckpt, meta
-
-
-def identity_mismatch(a: dict, b: dict) -> str | None:
-    """The first identity key on which two backbone identities disagree, or None."""
-    for key in ("sha256", *IDENTITY_KEYS):
-        if key in a and key in b and a[key] != b[key]:
-            return key
-    return None
-
-
-def check_same_backbone(saved: dict, current: dict, where: Path) -> None:
-    key = identity_mismatch(saved, current)
-    if key is not None:
-        raise PtuneError(
-            f"checkpoint {str(where)!r} was trained on a different backbone: {key} {saved[key]!r} there, "
-            f"{current[key]!r} for {current.get('name_or_path')!r}"
-        )
+    """The one loader of a prompt checkpoint (eval, predict, export, serving through read_saved and rebuild)."""
+    saved = read_saved(path, overrides or [])
+    return rebuild(saved), saved.cfg, saved.checkpoint, saved.meta
 
 
 def load_split_named_by_user(cfg: DictConfig, split_name: str) -> Split:

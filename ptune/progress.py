@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Iterable, Sequence
 
 
 def in_notebook() -> bool:
@@ -77,6 +78,22 @@ class SilentReporter(Reporter):
 
     def message(self, text: str) -> None:
         pass
+
+
+def print_table(title: str, columns: Sequence[str | tuple[str, str]], rows: Iterable[Sequence[str]]):
+    """Print a table of text cells on ``table_console``: the one place ptune's commands (eval, report, search) draw
+    a table. A column is a name, or (name, justify). Returns the console, for lines that follow the table."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        name, justify = (col, "left") if isinstance(col, str) else col
+        table.add_column(name, justify=justify)
+    for row in rows:
+        table.add_row(*row)
+    console = table_console()
+    console.print(table)
+    return console
 
 
 def table_console():

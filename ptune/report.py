@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_bytes, atomic_write_text
+from .config import parse_overrides
 from .errors import PtuneError
 
 SEED_KEYS = ("trainer.seed", "seed")
@@ -61,18 +62,16 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts[:-1])
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
+def override_values(items: list[str]) -> dict[str, Any]:
     """Hydra override strings -> {key: value}; ``+experiment=x`` gives key ``experiment``."""
     out: dict[str, Any] = {}
     try:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        for o in OverridesParser.create().parse_overrides(items):
+        for o in parse_overrides(items):
             if o.is_delete():
                 continue
             out[o.key_or_group] = _hashable(o.value())
         return out
-    except Exception:  # noqa: BLE001 - fall back to a plain split for anything Hydra's grammar rejects
+    except PtuneError:  # fall back to a plain split for anything Hydra's grammar rejects
         out = {}
     for item in items:
         key, _, value = item.partition("=")
@@ -105,7 +104,7 @@ def _read_overrides(folder: Path) -> dict[str, Any]:
         items = OmegaConf.to_container(OmegaConf.load(path))
     except Exception:  # noqa: BLE001 - an unreadable bookkeeping file only loses the grouping values
         return {}
-    return parse_overrides([str(x) for x in items or []])
+    return override_values([str(x) for x in items or []])
 
 
 NUMERIC_RESULTS = ("best_step", "trainable_params", "train_examples_per_s", "eval_examples_per_s")
@@ -337,20 +336,12 @@ def to_markdown(root: Path, keys: list[str], rows: list[dict[str, Any]], failed:
 
 
 def print_table(root: Path, keys: list[str], rows: list[dict[str, Any]], failed: list[Run]) -> None:
-    from rich.table import Table
+    from .progress import print_table as print_rich_table
 
-    table = Table(title=f"ptune report: {root}")
-    for k in keys:
-        table.add_column(k)
-    table.add_column(f"{_metric_title(rows)} (mean ± std)", justify="right")
-    for name, _ in DISPLAY[1:]:
-        table.add_column(name, justify="right")
-    for r in rows:
-        table.add_row(*[_fmt(r[k]) for k in keys], *[fn(r) for _, fn in DISPLAY])
-    from .progress import table_console
-
-    console = table_console()
-    console.print(table)
+    columns = [*keys, (f"{_metric_title(rows)} (mean ± std)", "right"), *((name, "right") for name, _ in DISPLAY[1:])]
+    console = print_rich_table(
+        f"ptune report: {root}", columns, ([*[_fmt(r[k]) for k in keys], *[fn(r) for _, fn in DISPLAY]] for r in rows)
+    )
     for r in failed:
         console.print(f"[red]failed[/red] {_rel(r.path, root)}: {r.error}", highlight=False)
 

@@ -24,16 +24,16 @@ import torch
 from omegaconf import DictConfig
 
 from .backbone import Backbone, load_backbone
+from .backbone.identity import identity_mismatch
 from .batching import Encoded, collate, eval_batches
-from .build import Task, build_task
-from .checkpoint import find_checkpoint, load_trainable_state, read_checkpoint
+from .build import Task
 from .config import section, trainer_config
 from .efficiency.frozen import prepare_frozen_backbone
 from .errors import PtuneError
-from .inference import apply_overrides, check_same_backbone, identity_mismatch
+from .inference import read_saved, rebuild
 from .prompt_model import PromptModel
 from .readouts import readout_class
-from .runtime import autocast, pick_amp, pick_device, seed_everything, settle_backbone_dtype
+from .runtime import autocast, pick_amp, pick_device
 from .tuners import deep_attention as da
 
 
@@ -60,44 +60,35 @@ class ServedPrompt:
 
 
 def load_prompts(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> tuple[list[ServedPrompt], Backbone]:
-    """Rebuild every checkpoint's prompt on one shared backbone; refuse checkpoints of another backbone."""
+    """Rebuild every checkpoint's prompt on one shared backbone; refuse checkpoints of another backbone. Each goes
+    through the one loader (``inference.read_saved`` and ``inference.rebuild``, as ``load_task``)."""
     if not paths:
         raise PtuneError("no checkpoint given: pass one or more run folders or checkpoint/ folders")
-    loaded = []
-    for p in paths:
-        ckpt = find_checkpoint(p)
-        cfg, meta, state = read_checkpoint(ckpt)
-        cfg = apply_overrides(cfg, list(overrides))
-        settle_backbone_dtype(cfg)  # an override backbone.dtype=auto: this machine's choice, one for all
-        loaded.append((str(p), ckpt, cfg, meta, state))
-    first_name, first_ckpt, first_cfg, first_meta, _ = loaded[0]
-    ref, shared = first_meta.get("backbone", {}), section(first_cfg, "backbone")
-    for name, _ckpt, cfg, meta, _ in loaded[1:]:
-        key = identity_mismatch(ref, meta.get("backbone", {}))
+    loaded = [(str(p), read_saved(p, overrides)) for p in paths]
+    first_name, first = loaded[0]
+    ref, shared = first.meta.get("backbone", {}), section(first.cfg, "backbone")
+    for name, saved in loaded[1:]:
+        key = identity_mismatch(ref, saved.meta.get("backbone", {}))
         if key is not None:
             raise PtuneError(
                 f"checkpoints {first_name!r} and {name!r} were trained on different backbones ({key} "
-                f"{ref.get(key)!r} vs {meta['backbone'].get(key)!r}): one batch can only mix prompts of the same "
-                "backbone; run them in separate calls"
+                f"{ref.get(key)!r} vs {saved.meta['backbone'].get(key)!r}): one batch can only mix prompts of the "
+                "same backbone; run them in separate calls"
             )
-        own = section(cfg, "backbone")
+        own = section(saved.cfg, "backbone")
         for key in ("dtype", "quantize"):  # how the shared backbone is loaded: one value for all
             if getattr(own, key) != getattr(shared, key):
                 raise PtuneError(
                     f"checkpoints {first_name!r} and {name!r} use different backbone.{key} values: pass the same "
                     f"backbone.{key}=... override for all of them"
                 )
-    need_lm_head = any(readout_class(section(cfg, "template").readout).needs_lm_head for _, _, cfg, _, _ in loaded)
+    need_lm_head = any(readout_class(section(s.cfg, "template").readout).needs_lm_head for _, s in loaded)
     backbone = load_backbone(shared.name, with_lm_head=need_lm_head, dtype=shared.dtype, quantize=shared.quantize)
     prompts = []
-    for name, ckpt, cfg, meta, state in loaded:
-        check_same_backbone(meta.get("backbone", {}), backbone.identity, ckpt)
-        seed = trainer_config(cfg).seed
-        seed_everything(seed)
-        task = build_task(cfg, list(meta["label_names"]), seed, backbone=backbone)
-        load_trainable_state(task.model, state)
+    for name, saved in loaded:
+        task = rebuild(saved, backbone)
         task.model.eval()
-        prompts.append(ServedPrompt(name, ckpt, task, cfg, meta))
+        prompts.append(ServedPrompt(name, saved.checkpoint, task, saved.cfg, saved.meta))
     return prompts, backbone
 
 

@@ -147,10 +147,21 @@ def missing_descriptions() -> list[str]:
     ]
 
 
+def registry_note(prefix: str) -> str:
+    """What a group's name key accepts, read from its registry (the one list of them): the data sets."""
+    if prefix != "dataset":
+        return ""
+    from ptune.data import DATASETS
+
+    names = ", ".join(f"`{name}`" for name in DATASETS)
+    return f"\n`dataset.name` is one of the registered data sets (`DATASETS`, `ptune/data/sources.py`): {names}.\n"
+
+
 def render() -> str:
     parts = [HEADER]
     for heading, prefix, schema in groups():
         parts.append(f"\n## {heading}\n\n`{schema.__module__}.{schema.__name__}`: {class_doc(schema)}\n")
+        parts.append(registry_note(prefix))
         parts.append("\n| key | type | default | description |\n|---|---|---|---|\n")
         for f in dataclasses.fields(schema):
             kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))

@@ -90,6 +90,23 @@ def make_cfg(
     return cfg
 
 
+def required_values(group: str, option: str) -> list[str]:
+    """Overrides filling the keys that ``conf/<group>/<option>.yaml`` leaves to the user (``???``) with placeholders,
+    read from the file and typed by the group's schema: an option added later composes without editing a test."""
+    import dataclasses
+
+    import yaml
+
+    from ptune.config import SCHEMAS, config_dir
+
+    data = yaml.safe_load((config_dir() / group / f"{option}.yaml").read_text(encoding="utf-8")) or {}
+    types = {f.name: str(f.type) for f in dataclasses.fields(SCHEMAS[group])} if group in SCHEMAS else {}
+    return [
+        f"{group}.{key}=" + ("[x,y]" if types.get(key, "").startswith("list") else f"placeholder_{key}")
+        for key, value in data.items() if value == "???"
+    ]
+
+
 def make_task(cfg, seed: int = 0) -> Task:
     return build_task(cfg, LABELS, seed)
 

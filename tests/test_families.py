@@ -39,13 +39,17 @@ def test_families_have_distinct_names():
 
 
 @pytest.mark.parametrize("kind", list(TINY_FAMILY))
-def test_family_forward_equals_backbone_forward(tiny_models, kind):
+def test_family_forward_equals_backbone_forward(tiny_models, kind, monkeypatch):
     """No prompt: the family's run + answer logits are the backbone's own logits at the answer."""
     family = TINY_FAMILY[kind]
     template_family = {ENCODER: "mlm", SEQ2SEQ: "seq2seq", CAUSAL: "causal"}[family]
     task = make_task(make_cfg(tiny_models[kind], "soft_prompt", family=template_family, prompt_length=0))
     pm, bb = task.model, task.model.backbone
     assert pm.family is family and task.backbone.family is family and task.left_pad == family.left_pad
+    side = family.left_pad
+    with monkeypatch.context() as m:  # the task reads the family's padding side, it keeps no copy of it
+        m.setattr(type(family), "left_pad", not side)
+        assert task.left_pad is (not side)
     _, b = batch(task)
     ids, mask, answer = b["input_ids"], b["attention_mask"], b["answer_pos"]
     pm.eval()

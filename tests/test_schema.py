@@ -14,13 +14,9 @@ from ptune.config import compose, config_dir
 from ptune.errors import PtuneError
 from ptune.tuners import METHODS
 
+from .helpers import required_values
+
 GROUPS = ("backbone", "method", "dataset", "template", "trainer")
-# values a group option leaves to the user (???), so that it composes
-FILL = {
-    ("backbone", "hf"): ["backbone.name=/some/model"],
-    **{("dataset", n): ["dataset.train_file=a", "dataset.dev_file=b", "dataset.label_names=[x,y]"]
-       for n in ("csv", "tsv", "jsonl")},
-}
 
 
 def _options(group: str) -> list[str]:
@@ -33,7 +29,7 @@ def _schema(group: str, cfg) -> type:
 
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_group_option_composes_into_its_schema(group, option):
-    cfg = compose([f"{group}={option}", *FILL.get((group, option), [])])
+    cfg = compose([f"{group}={option}", *required_values(group, option)])
     schema = _schema(group, cfg)
     assert OmegaConf.get_type(cfg[group]) is schema, "the YAML file extends its group's schema"
     config.section(cfg, group, schema) if group != "method" else None

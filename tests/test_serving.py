@@ -121,3 +121,32 @@ def test_served_backbone_is_quantized_as_the_checkpoint_says(tiny_models, tmp_pa
                                                     family="causal", extra=["backbone.dtype=float32"]))
     with pytest.raises(PtuneError, match="backbone.quantize"):
         PromptServer([str(path), str(plain)])
+
+
+def test_every_served_checkpoint_goes_through_the_one_loader(tiny_models, tmp_path, monkeypatch):
+    """Serving reads, overrides and rebuilds each checkpoint with inference's loader (the one load_task uses), so
+    checkpoint reading, override application and the backbone identity check exist once."""
+    from ptune import inference, serving
+
+    paths = [save_prompt(tmp_path, n, make_cfg(tiny_models["bert"], "soft_prompt", prompt_length=k))
+             for n, k in (("a", 2), ("b", 3))]
+    read, built = [], []
+    real_read, real_rebuild = inference.read_saved, inference.rebuild
+
+    def spy_read(path, overrides=()):
+        read.append((Path(path), list(overrides)))
+        return real_read(path, overrides)
+
+    def spy_rebuild(saved, backbone=None):
+        built.append((saved.checkpoint, backbone))
+        return real_rebuild(saved, backbone)
+
+    monkeypatch.setattr(inference, "read_saved", spy_read)
+    monkeypatch.setattr(inference, "rebuild", spy_rebuild)
+    monkeypatch.setattr(serving, "read_saved", spy_read, raising=False)
+    monkeypatch.setattr(serving, "rebuild", spy_rebuild, raising=False)
+    server = PromptServer([str(p) for p in paths], overrides=["trainer.eval_batch_size=3"])
+    assert read == [(p, ["trainer.eval_batch_size=3"]) for p in paths]
+    assert [c for c, _ in built] == [p / "checkpoint" for p in paths]
+    assert all(b is server.backbone for _, b in built)  # one backbone, shared
+    assert all(p.cfg.trainer.eval_batch_size == 3 for p in server.prompts)

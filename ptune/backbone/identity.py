@@ -1,4 +1,5 @@
-"""A backbone's identity: the JSON facts stamped into every checkpoint so a prompt is never reused on another model.
+"""A backbone's identity: the JSON facts stamped into every checkpoint so a prompt is never reused on another model,
+and the checks that compare two of them (loading a checkpoint, serving several on one backbone).
 
 The strongest fact is the sha256 of the weights. Hashing a model takes seconds, so each digest is remembered in a
 sidecar keyed by (path, size, mtime) under the ptune cache; sidecars live there, not beside the file, because
@@ -15,12 +16,15 @@ from typing import Any
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from ptune.atomic import atomic_write_text
+from ptune.errors import PtuneError
 
 from ..families import Family
 from .cache import cache_base
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# what two identities must agree on, after the weights' sha256 (name_or_path may differ: a copy of the same model)
+IDENTITY_KEYS = ("model_type", "hidden_size", "num_layers", "vocab_size")
 
 
 def identity(
@@ -58,6 +62,25 @@ def identity(
         "tokenizer_class": type(tokenizer).__name__,
         "tokenizer_vocab_size": len(tokenizer),
     }
+
+
+def identity_mismatch(a: dict, b: dict) -> str | None:
+    """The first identity key on which two backbone identities disagree, or None (a key either lacks is skipped:
+    identities written by older versions have fewer)."""
+    for key in ("sha256", *IDENTITY_KEYS):
+        if key in a and key in b and a[key] != b[key]:
+            return key
+    return None
+
+
+def check_same_backbone(saved: dict, current: dict, where: Path) -> None:
+    """Refuse to load the checkpoint at ``where`` (identity ``saved``) on a backbone of identity ``current``."""
+    key = identity_mismatch(saved, current)
+    if key is not None:
+        raise PtuneError(
+            f"checkpoint {str(where)!r} was trained on a different backbone: {key} {saved[key]!r} there, "
+            f"{current[key]!r} for {current.get('name_or_path')!r}"
+        )
 
 
 def weights_sha(folder: Path) -> tuple[str | None, str | None]:

@@ -26,20 +26,17 @@ def eval_main(argv: list[str]) -> None:
 
 
 def print_eval_table(rows: list[dict]) -> None:
-    from rich.table import Table
+    from ..progress import print_table
 
-    from ..progress import table_console
-
-    table = Table(title="ptune eval")
-    for col in ("checkpoint", "split", "examples", "accuracy", "macro_f1", "eval ex/s"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
+    # the per-checkpoint metrics lines were printed by evaluate_checkpoint
+    print_table("ptune eval", ["checkpoint", "split", "examples", "accuracy", "macro_f1", "eval ex/s"], (
+        [
             r["checkpoint"],
             r["split"],
             str(r["examples"]),
             f"{r['accuracy']:.4f}",
             f"{r['macro_f1']:.4f}" if "macro_f1" in r else f"rouge_l {r.get('rouge_l', 0.0):.4f}",
             f"{r['eval_examples_per_s']:.1f}",
-        )
-    table_console().print(table)  # the per-checkpoint metrics lines were printed by evaluate_checkpoint
+        ]
+        for r in rows
+    ))

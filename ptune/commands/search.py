@@ -43,7 +43,7 @@ from .. import config, runfolder
 from ..atomic import atomic_write_text
 from ..config import override_value
 from ..errors import PtuneError, one_line
-from ..progress import table_console
+from ..progress import print_table
 
 STUDY = "ptune"
 DB = "optuna.db"
@@ -527,21 +527,17 @@ def _plot(path: Path, study, trials, keys: list[str], metric: str) -> bool:
 def _print_table(trials, keys: list[str], best, metric: str) -> None:
     """The trials on the terminal, short enough to read: parameters by their last name (`lr` for `trainer.lr`,
     unless two keys share it) and numbers to 4 significant digits; search.csv keeps full precision."""
-    from rich.table import Table
-
     last = [k.rsplit(".", 1)[-1] for k in keys]
     names = [n if last.count(n) == 1 else k for n, k in zip(last, keys, strict=True)]
 
     def cell(v) -> str:
         return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    table = Table(title="ptune search")
-    for col in ["trial", "state", metric, *names]:
-        table.add_column(col)
-    for t in trials:
-        table.add_row(str(t.number), t.state.name, cell(t.value), *(cell(t.params.get(k)) for k in keys))
-    console = table_console()
-    console.print(table)
+    console = print_table(
+        "ptune search",
+        ["trial", "state", metric, *names],
+        ([str(t.number), t.state.name, cell(t.value), *(cell(t.params.get(k)) for k in keys)] for t in trials),
+    )
     if best is not None:
         console.print(f"best trial {best.number}: {metric} {best.value:.4f} "
                       + " ".join(f"{k}={v}" for k, v in best.params.items()), highlight=False)

