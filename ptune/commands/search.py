@@ -185,7 +185,8 @@ def _compose_search(search_args: list[str]) -> tuple[str, config.SearchConfig]:
     if not name:
         raise PtuneError(f"name a search space: ptune search +hparams_search=NAME (valid: {', '.join(valid)})")
     if name.endswith((".yaml", ".yml")):  # your own search space file, same keys as conf/hparams_search/*.yaml
-        return Path(name).stem, _from_file(Path(name), [a for a in search_args if a.startswith("search.")])
+        return Path(name).stem, _from_file(Path(name), [a.lstrip("+") for a in search_args
+                                                        if a.lstrip("+").startswith("search.")])
     if name not in valid:
         raise PtuneError(f"hparams_search={name!r} is not a shipped search space: use one of {', '.join(valid)}")
     try:
@@ -300,7 +301,7 @@ def _resume(folder: Path, search_args: list[str], user: list[str]):
         ) from None
 
     raw.setdefault("pruner", "none")  # saved by a ptune without pruning: its trials ran unpruned, and so go on
-    for a in search_args:
+    for a in (a.lstrip("+") for a in search_args):
         key = a.partition("=")[0]
         if key in RESUME_MAY_CHANGE:
             raw[key.split(".", 1)[1]] = override_value(a)
