@@ -155,3 +155,19 @@ def test_bad_pruner_and_budget_values_are_one_line(override, named, tmp_path):
     res = ptune("search", "+hparams_search=sst2_ptv2", f"search.dir={tmp_path / 's'}", override, cwd=tmp_path)
     assert res.returncode == 2 and named in res.stderr and res.stderr.count("\n") == 1, res.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_a_search_saved_before_pruning_resumes_unpruned(tmp_path):
+    """search.yaml of a ptune without pruning has no `pruner`: its trials all ran to their end, so resuming it goes
+    on unpruned rather than judging new trials against full ones with the new default; a saved pruner is kept."""
+    from ptune.commands.search import SAVED, _resume
+
+    params = {"trainer.lr": {"type": "float", "low": 0.01, "high": 0.1}}
+    saved = {"name": "old", "search": {"n_trials": 3, "params": params}, "overrides": []}
+    (tmp_path / SAVED).write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
+    assert _resume(tmp_path, [], [])[1].pruner == "none"
+    saved["search"].update(pruner="successive_halving", pruner_args={"reduction_factor": 2})
+    (tmp_path / SAVED).write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
+    spec = _resume(tmp_path, ["search.n_trials=5", "search.max_examples=100"], [])[1]
+    assert (spec.pruner, spec.pruner_args, spec.n_trials, spec.max_examples) == (
+        "successive_halving", {"reduction_factor": 2}, 5, 100)

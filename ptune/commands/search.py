@@ -11,7 +11,10 @@ sampler for values, composes ``+experiment=E <search.overrides> <your overrides>
 folder (``.hydra/config.yaml``, ``.hydra/overrides.yaml``, checkpoint, results.json, ``ptune eval`` works on it).
 The trial's value is its ``best_metric`` (``trainer.metric`` on the held-out split); a trial that raises (a bad
 value, a crash) or whose metric is NaN is told to Optuna as ``TrialState.FAIL``, with ``FAILED`` in its folder,
-and the search goes on. Failed trials count towards ``search.n_trials``.
+and the search goes on. Each evaluation of a trial is reported to the pruner (``search.pruner``, median by
+default), which may stop it there: ``TrialState.PRUNED``, ``PRUNED`` in its folder (search_pruning.py). Failed
+and pruned trials count towards ``search.n_trials``; ``search.timeout`` and ``search.max_examples`` stop the
+search between trials; ``search.confirm_seeds`` retrains the best trial on all of train (search_confirm.py).
 
 The study lives in ``<search folder>/optuna.db`` (SQLite, study name ``ptune``): rerunning into the same folder
 (``search.dir=DIR``, or ``--resume DIR``) continues it, trials left RUNNING by a killed search are marked failed;
@@ -417,6 +420,8 @@ def run_search(folder: Path, name: str, spec: config.SearchConfig, user: list[st
     runfolder.release(folder)
     if best is None:
         states = {t.state for t in study.get_trials(deepcopy=False)}
+        if not states:
+            raise PtuneError(f"the search in {folder} ran no trial: its budget was spent before the first")
         what = "failed" if states == {TrialState.FAIL} else "failed or was pruned"
         raise PtuneError(f"every trial of the search in {folder} {what} (see {folder}/search.md)")
 
