@@ -171,3 +171,30 @@ def test_a_search_saved_before_pruning_resumes_unpruned(tmp_path):
     spec = _resume(tmp_path, ["search.n_trials=5", "search.max_examples=100"], [])[1]
     assert (spec.pruner, spec.pruner_args, spec.n_trials, spec.max_examples) == (
         "successive_halving", {"reduction_factor": 2}, 5, 100)
+
+
+def test_bench_search_summarises_a_study(tmp_path):
+    """scripts/bench_search.py's figures come from the study: best COMPLETE value, states, summed compute."""
+    import importlib.util
+
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from ptune.commands.search import STUDY, storage_url
+
+    spec = importlib.util.spec_from_file_location("bench_search", Path(__file__).parents[1] / "scripts" /
+                                                  "bench_search.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    study = optuna.create_study(study_name=STUDY, storage=storage_url(tmp_path), direction="maximize")
+    dist = {"trainer.lr": FloatDistribution(0.01, 0.1)}
+    for value, state, steps in [(0.7, TrialState.COMPLETE, 100), (0.9, TrialState.PRUNED, 20),
+                                (0.8, TrialState.COMPLETE, 100)]:
+        study.add_trial(create_trial(params={"trainer.lr": 0.05}, distributions=dist, state=state,
+                                     value=value if state == TrialState.COMPLETE else None,
+                                     intermediate_values={steps: value},
+                                     user_attrs={"steps": steps, "examples": 16 * steps, "seconds": 1.5}))
+    fig = bench.summarise(tmp_path)
+    assert (fig["best_value"], fig["best_trial"], fig["complete"], fig["pruned"]) == (0.8, 2, 2, 1)
+    assert (fig["steps"], fig["examples"], fig["seconds"]) == (220, 3520, 4.5)
