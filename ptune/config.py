@@ -239,9 +239,28 @@ class SearchConfig:
     overrides: list[str] = field(default_factory=list)  # given to every trial, e.g. dataset.validation=0.1
     # override key -> {type: float|int|categorical, low, high, log, step, choices}
     params: dict[str, Any] = field(default_factory=dict)
+    # none | median | successive_halving | hyperband: Optuna's pruner, told each evaluation's held-out metric
+    # (trial.report at the training step), stops a trial that trails the others; median by default (docs/search.md)
+    pruner: str = "median"
+    # the pruner's own keyword arguments (Optuna's names and defaults), e.g. {n_startup_trials: 5, n_warmup_steps: 0}
+    pruner_args: dict[str, Any] = field(default_factory=dict)
+    timeout: float | None = None  # seconds of this `ptune search` after which no trial starts (a first always runs)
+    max_examples: int | None = None  # training examples summed over the study's trials: no trial starts once spent
+    confirm_seeds: int = 0  # retrain the best trial on all of train (no hold-out) with seeds 0..N-1; report dev
 
     def __post_init__(self) -> None:
         _integer("search", "n_trials", self.n_trials, 1)
+        _choice("search", "pruner", self.pruner, tuple(PRUNER_ARGS))
+        if not isinstance(self.pruner_args, dict):
+            raise PtuneError(f"search.pruner_args must map argument names to values, got {self.pruner_args!r}")
+        unknown = sorted(set(self.pruner_args) - set(PRUNER_ARGS[self.pruner]))
+        if unknown:
+            raise PtuneError(f"search.pruner_args.{unknown[0]} is not an argument of search.pruner={self.pruner}: "
+                             f"valid are {', '.join(PRUNER_ARGS[self.pruner]) or 'none'}")
+        if self.timeout is not None:
+            _number("search", "timeout", self.timeout, 0.0, low_open=True)
+        _integer("search", "max_examples", self.max_examples, 1, none_ok=True)
+        _integer("search", "confirm_seeds", self.confirm_seeds, 0, 100)
         _integer("search", "n_startup_trials", self.n_startup_trials, 0)
         _integer("search", "seed", self.seed, 0, 2**32 - 1)
         _choice("search", "direction", self.direction, ("maximize", "minimize"))
@@ -254,6 +273,11 @@ class SearchConfig:
         for key, spec in self.params.items():
             _search_param(f"search.params.{key}", spec)
 
+
+# search.pruner -> the keyword arguments of its Optuna class (MedianPruner, SuccessiveHalvingPruner, HyperbandPruner)
+PRUNER_ARGS = {"none": (), "median": ("n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials"),
+               "successive_halving": ("min_resource", "reduction_factor", "min_early_stopping_rate", "bootstrap_count"),
+               "hyperband": ("min_resource", "max_resource", "reduction_factor", "bootstrap_count")}
 
 SEARCH_PARAM_KEYS = {"categorical": ("type", "choices"), "int": ("type", "low", "high", "log", "step"),
                      "float": ("type", "low", "high", "log", "step")}

@@ -13,6 +13,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,14 +46,20 @@ from .runtime import (
     settle_backbone_dtype,
 )
 
+# Called on rank 0 after each evaluation with (step, value of trainer.metric, training examples seen so far);
+# returning True stops the run there, as early stopping does (``ptune search`` prunes trials through it).
+EvalHook = Callable[[int, float, int], bool]
 
-def run_training(cfg: DictConfig, out_dir: Path) -> dict:
-    """Train one prompt into ``out_dir``; returns (and writes) results.json's content."""
+
+def run_training(cfg: DictConfig, out_dir: Path, on_eval: EvalHook | None = None) -> dict:
+    """Train one prompt into ``out_dir``; returns (and writes) results.json's content. ``on_eval`` may stop the
+    run after any evaluation (see ``EvalHook``): the best checkpoint so far and results.json are written as usual."""
     tr = trainer_config(cfg)
     d = distributed.init()  # a single process unless torchrun set WORLD_SIZE > 1
     start = time.perf_counter()
     changed = claim_run_folder(cfg, tr, d, out_dir)
     run = prepare(cfg, tr, d, out_dir)
+    run.on_eval = on_eval
     loop = LoopState()
     if changed is not None:
         loop = resume.load_state(out_dir, run.model, run.opt, run.sched, run.scaler, run.rng)
@@ -120,6 +127,7 @@ class Run:
     last_loss: float = float("nan")
     setup_s: float = 0.0  # run start to the first step: loading, tokenising, preparing the backbone
     weights: str = ""  # how backbone.dtype was settled (runtime.settle_backbone_dtype), for the first line
+    on_eval: EvalHook | None = None  # run_training's hook, asked after each evaluation whether to stop
 
     @property
     def model(self):
@@ -343,13 +351,17 @@ def evaluate_and_keep_best(run: Run, loop: LoopState, loss: float) -> bool:
     else:
         loop.bad_evals += 1
         stop = bool(tr.early_stopping_patience and loop.bad_evals >= tr.early_stopping_patience)
+    stopped_by_hook = not stop and run.on_eval is not None and run.on_eval(loop.step, res[tr.metric],
+                                                                          loop.train_examples)
     if calibrate:
         calibration.reset(task)  # the prompt trains on raw scores; the next eval recalibrates
     if run.d.enabled:
-        distributed.broadcast_flag(stop, run.device)
+        distributed.broadcast_flag(stop or stopped_by_hook, run.device)
     if stop:
         run.reporter.message(f"early stopping at step {loop.step}: no improvement in {loop.bad_evals} evals")
-    return stop
+    elif stopped_by_hook:
+        run.reporter.message(f"stopped at step {loop.step} by the caller (e.g. a search's pruner)")
+    return stop or stopped_by_hook
 
 
 def follow_evaluation(run: Run) -> None:
@@ -389,6 +401,7 @@ def finish(run: Run, loop: LoopState, wall_s: float) -> dict:
         "best_step": loop.best_step,
         "metrics": {k: v for k, v in final.items() if k not in ("step", "loss", "eval_examples_per_s")},
         "steps": loop.step,
+        "examples_seen": loop.train_examples,  # training examples of every step taken (train_examples: the split)
         "trainable_params": trainable,
         "total_params": trainable + sum(p.numel() for p in task.backbone.model.parameters()),
         "checkpoint_bytes": loop.ckpt_bytes,

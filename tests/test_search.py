@@ -184,14 +184,16 @@ def test_search_table_is_readable_in_a_log(tmp_path, capsys):
               "method.prompt_length": 64, "trainer.max_steps": 600, "trainer.schedule": "cosine",
               "method.init": "vocab"}
     study.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=0.873,
-                                              user_attrs={"metric": "accuracy", "run_dir": "trial_000"}))
+                                              user_attrs={"metric": "accuracy", "run_dir": "trial_000",
+                                                          "steps": 600, "examples": 19200, "seconds": 271.25}))
     write_search_report(tmp_path)
     out = capsys.readouterr().out
     assert "…" not in out
     header = next(line for line in out.splitlines() if "trial" in line and "state" in line)
     assert [c.strip() for c in header.strip("┃│ ").split("┃")] == [
-        "trial", "state", "accuracy", "lr", "head_lr", "prompt_length", "max_steps", "schedule", "init"]
+        "trial", "state", "accuracy", "lr", "head_lr", "prompt_length", "max_steps", "schedule", "init", "steps",
+        "examples", "seconds"]
     row = next(line for line in out.splitlines() if "COMPLETE" in line)
     assert [c.strip() for c in row.strip("│ ").split("│")] == [
-        "0", "COMPLETE", "0.873", "0.04978", "0.002576", "64", "600", "cosine", "vocab"]
+        "0", "COMPLETE", "0.873", "0.04978", "0.002576", "64", "600", "cosine", "vocab", "600", "19200", "271.2"]
     assert (tmp_path / "search.csv").read_text().count("0.049782250719132864") == 1  # the file keeps every digit

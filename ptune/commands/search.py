@@ -11,7 +11,10 @@ sampler for values, composes ``+experiment=E <search.overrides> <your overrides>
 folder (``.hydra/config.yaml``, ``.hydra/overrides.yaml``, checkpoint, results.json, ``ptune eval`` works on it).
 The trial's value is its ``best_metric`` (``trainer.metric`` on the held-out split); a trial that raises (a bad
 value, a crash) or whose metric is NaN is told to Optuna as ``TrialState.FAIL``, with ``FAILED`` in its folder,
-and the search goes on. Failed trials count towards ``search.n_trials``.
+and the search goes on. Each evaluation of a trial is reported to the pruner (``search.pruner``, median by
+default), which may stop it there: ``TrialState.PRUNED``, ``PRUNED`` in its folder (search_pruning.py). Failed
+and pruned trials count towards ``search.n_trials``; ``search.timeout`` and ``search.max_examples`` stop the
+search between trials; ``search.confirm_seeds`` retrains the best trial on all of train (search_confirm.py).
 
 The study lives in ``<search folder>/optuna.db`` (SQLite, study name ``ptune``): rerunning into the same folder
 (``search.dir=DIR``, or ``--resume DIR``) continues it, trials left RUNNING by a killed search are marked failed;
@@ -33,6 +36,7 @@ import math
 import os
 import re
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,8 @@ from ..atomic import atomic_write_text
 from ..config import override_value
 from ..errors import PtuneError, one_line
 from ..progress import print_table
+from . import search_confirm
+from .search_pruning import COMPUTE, PRUNED, EvalReporter, budget_spent, compute_totals, make_pruner
 
 STUDY = "ptune"
 DB = "optuna.db"
@@ -51,6 +57,8 @@ SAVED = "search.yaml"
 
 
 TRIAL = re.compile(r"trial_(\d+)")
+# what a resumed search may change: how long it goes on and what it does after; never the space or the pruner
+RESUME_MAY_CHANGE = ("search.n_trials", "search.timeout", "search.max_examples", "search.confirm_seeds")
 
 
 def storage_url(folder: Path) -> str:
@@ -180,18 +188,29 @@ def _compose_search(search_args: list[str]) -> tuple[str, config.SearchConfig]:
     if not name:
         raise PtuneError(f"name a search space: ptune search +hparams_search=NAME (valid: {', '.join(valid)})")
     if name.endswith((".yaml", ".yml")):  # your own search space file, same keys as conf/hparams_search/*.yaml
-        return Path(name).stem, _from_file(Path(name), [a for a in search_args if a.startswith("search.")])
+        return Path(name).stem, _from_file(Path(name), [a.lstrip("+") for a in search_args
+                                                        if a.lstrip("+").startswith("search.")])
     if name not in valid:
         raise PtuneError(f"hparams_search={name!r} is not a shipped search space: use one of {', '.join(valid)}")
     try:
-        cfg = config.compose([a if a.startswith(("+", "~")) or "hparams_search=" not in a else "+" + a
-                              for a in search_args])
+        cfg = config.compose([_forced(a) for a in search_args])
     except Exception as exc:  # noqa: BLE001 - Hydra raises many types for bad overrides
         raise PtuneError(config.explain_composition_error(exc)) from None
     spec = config.section(cfg, "search", config.SearchConfig)
     if not spec.params:
         raise PtuneError("search.params is empty: name at least one override to search, e.g. trainer.lr")
     return name, spec
+
+
+def _forced(arg: str) -> str:
+    """``hparams_search=NAME`` is added (``+``); ``search.pruner_args=...`` and ``search.pruner_args.KEY=...`` are
+    forced (``++``): Hydra's struct mode refuses a new key in the empty mapping the schema declares."""
+    if arg.startswith(("+", "~")):
+        return arg
+    if "hparams_search=" in arg:
+        return "+" + arg
+    key = arg.split("=", 1)[0]
+    return "++" + arg if key == "search.pruner_args" or key.startswith("search.pruner_args.") else arg
 
 
 def _from_file(path: Path, overrides: list[str]) -> config.SearchConfig:
@@ -207,7 +226,11 @@ def _from_file(path: Path, overrides: list[str]) -> config.SearchConfig:
     raw.pop("defaults", None)
     for item in overrides:
         key, _, _ = item.partition("=")
-        raw[key.split(".", 1)[1]] = override_value(item)
+        name = key.split(".", 1)[1]
+        if name.startswith("pruner_args."):  # one of the pruner's arguments
+            raw.setdefault("pruner_args", {})[name.split(".", 1)[1]] = override_value(item)
+        else:
+            raw[name] = override_value(item)
     valid = [f.name for f in dataclasses.fields(config.SearchConfig)]
     unknown = sorted(set(raw) - set(valid))
     if unknown:
@@ -337,14 +360,15 @@ def _resume(folder: Path, search_args: list[str], user: list[str]):
             "name, search and overrides; nothing changed"
         ) from None
 
-    for a in search_args:
+    raw.setdefault("pruner", "none")  # saved by a ptune without pruning: its trials ran unpruned, and so go on
+    for a in (a.lstrip("+") for a in search_args):
         key = a.partition("=")[0]
-        if key == "search.n_trials":
-            raw["n_trials"] = override_value(a)
+        if key in RESUME_MAY_CHANGE:
+            raw[key.split(".", 1)[1]] = override_value(a)
         elif key.startswith("search.") and key not in ("search.dir", "search.resume"):
             if override_value(a) != raw.get(key.split(".", 1)[1]):
                 raise PtuneError(f"a resumed search keeps its settings: {a!r} differs from the saved "
-                                 f"{raw.get(key.split('.', 1)[1])!r}; only search.n_trials can change")
+                                 f"{raw.get(key.split('.', 1)[1])!r}; only {', '.join(RESUME_MAY_CHANGE)} can change")
     kept = saved_overrides
     if user and user != kept:
         raise PtuneError(f"a resumed search keeps its trial overrides ({' '.join(kept) or 'none'}): drop {user}")
@@ -355,14 +379,29 @@ def _resume(folder: Path, search_args: list[str], user: list[str]):
     return name, spec, kept
 
 
+def train_run(overrides: list[str], run_dir: Path, on_eval=None) -> dict:
+    """Compose ``overrides`` as ``ptune train`` would and train them into ``run_dir``, a normal run folder (its
+    ``.hydra/config.yaml`` and ``overrides.yaml`` written first); ``on_eval``: run_training's evaluation hook."""
+    from ..training import run_training
+
+    cfg = compose_trial(overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write_text(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    try:
+        return run_training(cfg, run_dir, on_eval)
+    finally:
+        runfolder.release(run_dir)
+
+
 def run_search(folder: Path, name: str, spec: config.SearchConfig, user: list[str]) -> None:
     import optuna
     from optuna.trial import TrialState
 
-    from ..training import run_training
-
+    started = time.perf_counter()  # search.timeout counts from here
     compose_trial(trial_overrides(spec, user, _first_values(spec)))  # every key and value checked first
     dists = distributions(spec.params)
+    pruner = make_pruner(spec)  # a bad search.pruner_args value is refused before anything is written
     found = runfolder.claim(folder, "search.dir", ours=_older_search)  # new, empty or ptune's; writable
     holder = runfolder.holder_of(folder)
     if holder:
@@ -374,6 +413,7 @@ def run_search(folder: Path, name: str, spec: config.SearchConfig, user: list[st
         study = open_study(folder, direction=spec.direction)
         seed = sampler_seed(spec.seed, len(study.get_trials(deepcopy=False)))
         study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.n_startup_trials)
+        study.pruner = pruner
         saved = {"name": name, "search": {**dataclasses.asdict(spec), "dir": str(folder)},
                  "overrides": user}
         atomic_write_text(folder / SAVED, OmegaConf.to_yaml(OmegaConf.create(saved)))
@@ -382,11 +422,17 @@ def run_search(folder: Path, name: str, spec: config.SearchConfig, user: list[st
         raise
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # left by a killed search
         study.tell(t.number, state=TrialState.FAIL)
-    done = lambda: len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)))  # noqa: E731
+    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    done = lambda: len(study.get_trials(deepcopy=False, states=finished))  # noqa: E731
     if done():
         print(f"ptune search: continuing {folder} ({done()} of {spec.n_trials} trials finished)", flush=True)
+    ran = 0
     while done() < spec.n_trials:
-        trial = study.ask(dists)
+        spent = budget_spent(spec, study.get_trials(deepcopy=False, states=finished), started, ran)
+        if spent:  # checked between trials only: a trial that started runs to its end
+            print(f"ptune search: {spent}: no new trial started ({done()} of {spec.n_trials} finished)", flush=True)
+            break
+        trial, ran = study.ask(dists), ran + 1
         run_dir = folder / f"trial_{trial.number:03d}"
         if os.path.lexists(run_dir):  # another process put it there since the check: never write into it
             study.tell(trial, state=TrialState.FAIL)
@@ -396,15 +442,10 @@ def run_search(folder: Path, name: str, spec: config.SearchConfig, user: list[st
         overrides = trial_overrides(spec, user, trial.params)
         print(f"ptune search: trial {trial.number} ({done() + 1}/{spec.n_trials}): "
               + " ".join(f"{k}={v}" for k, v in trial.params.items()), flush=True)
+        hook = EvalReporter(trial)
         try:
-            cfg = compose_trial(overrides)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
-            atomic_write_text(run_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
-            try:
-                results = run_training(cfg, run_dir)
-            finally:
-                runfolder.release(run_dir)
+            results = train_run(overrides, run_dir, hook)
+            hook.record(results)
             value = float(results["best_metric"])
             if not math.isfinite(value):
                 raise PtuneError(f"trial {trial.number} reached a non-finite {results['metric']}: {value}")
@@ -412,6 +453,7 @@ def run_search(folder: Path, name: str, spec: config.SearchConfig, user: list[st
             study.tell(trial, state=TrialState.FAIL)
             raise
         except Exception as exc:  # noqa: BLE001 - a failed trial is recorded; the search goes on
+            hook.record()
             msg = one_line(exc)
             print(f"ptune search: trial {trial.number} failed: {msg}", file=sys.stderr, flush=True)
             trial.set_user_attr("error", msg[:2000])
@@ -421,11 +463,24 @@ def run_search(folder: Path, name: str, spec: config.SearchConfig, user: list[st
             continue
         trial.set_user_attr("metric", results["metric"])
         trial.set_user_attr("best_step", results["best_step"])
+        if hook.pruned_at is not None:
+            print(f"ptune search: trial {trial.number} pruned at step {hook.pruned_at} ({results['metric']} "
+                  f"{hook.value:.4f}, search.pruner={spec.pruner})", flush=True)
+            atomic_write_text(run_dir / PRUNED, f"pruned by search.pruner={spec.pruner} at step {hook.pruned_at}: "
+                                                f"{results['metric']} {hook.value}\n")
+            study.tell(trial, state=TrialState.PRUNED)
+            continue
         study.tell(trial, value)
+    if spec.confirm_seeds:
+        search_confirm.confirm_best(folder, best_trial(study), spec.confirm_seeds, train_run)
     best = write_search_report(folder)
     runfolder.release(folder)
     if best is None:
-        raise PtuneError(f"every trial of the search in {folder} failed (see {folder}/search.md)")
+        states = {t.state for t in study.get_trials(deepcopy=False)}
+        if not states:
+            raise PtuneError(f"the search in {folder} ran no trial: its budget was spent before the first")
+        what = "failed" if states == {TrialState.FAIL} else "failed or was pruned"
+        raise PtuneError(f"every trial of the search in {folder} {what} (see {folder}/search.md)")
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -433,8 +488,18 @@ def is_search(folder: Path) -> bool:
     return (Path(folder) / DB).is_file()
 
 
+def best_trial(study):
+    """The best COMPLETE trial (pruned and failed ones never win), or None."""
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    sign = 1 if study.direction.name == "MAXIMIZE" else -1
+    return max(complete, key=lambda t: sign * t.value) if complete else None
+
+
 def write_search_report(folder: Path):
-    """search.csv, search.md, search.png and a table on the terminal; returns the best FrozenTrial or None."""
+    """search.csv, search.md, search.png and a table on the terminal; returns the best FrozenTrial or None.
+    Each trial's row shows its state (COMPLETE, PRUNED, FAIL) and compute (steps, training examples, seconds)."""
     from optuna.trial import TrialState
 
     folder = Path(folder)
@@ -442,16 +507,17 @@ def write_search_report(folder: Path):
     trials = study.get_trials(deepcopy=False)
     keys = list(dict.fromkeys(k for t in trials for k in t.params))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    sign = 1 if study.direction.name == "MAXIMIZE" else -1
-    best = max(complete, key=lambda t: sign * t.value) if complete else None
+    best = best_trial(study)
     metric = next((t.user_attrs["metric"] for t in complete if "metric" in t.user_attrs), "value")
+    confirmed = search_confirm.confirmation(folder, best.number) if best is not None else None
 
     def row(t) -> list[str]:
         value = "" if t.value is None else f"{t.value:.6f}"
         return [str(t.number), t.state.name, value, *(str(t.params.get(k, "")) for k in keys),
-                t.user_attrs.get("run_dir", ""), t.user_attrs.get("error", "")]
+                *(str(t.user_attrs.get(k, "")) for k in COMPUTE), t.user_attrs.get("run_dir", ""),
+                t.user_attrs.get("error", "")]
 
-    header = ["trial", "state", metric, *keys, "run_dir", "error"]
+    header = ["trial", "state", metric, *keys, *COMPUTE, "run_dir", "error"]
     import csv
 
     buf = io.StringIO()
@@ -460,17 +526,31 @@ def write_search_report(folder: Path):
     w.writerows(row(t) for t in trials)
     atomic_write_text(folder / "search.csv", buf.getvalue())
     failed = sum(t.state == TrialState.FAIL for t in trials)
+    pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    total = compute_totals(trials)
     lines = [f"# Search {folder}", "",
-             f"{len(complete)} complete, {failed} failed of {len(trials)} trial(s); study `{STUDY}` in `{DB}`.", ""]
+             f"{len(complete)} complete, {pruned} pruned, {failed} failed of {len(trials)} trial(s); study `{STUDY}` "
+             f"in `{DB}`.", "", f"Compute, all trials: {total_line(total)}.", ""]
     if best is not None:
-        lines += [f"**Best trial {best.number}**: {metric} {best.value:.4f} (step {best.user_attrs.get('best_step')}, "
-                  f"`{best.user_attrs.get('run_dir')}`): " + " ".join(f"`{k}={v}`" for k, v in best.params.items()), ""]
+        lines += [f"**Best trial {best.number}**: held-out {metric} {best.value:.4f} (step "
+                  f"{best.user_attrs.get('best_step')}, `{best.user_attrs.get('run_dir')}`): "
+                  + " ".join(f"`{k}={v}`" for k, v in best.params.items()), ""]
+        if confirmed:
+            lines += [f"**Confirmed** ({', '.join(f'`{search_confirm.CONFIRM.format(s)}`' for s in confirmed['seeds'])}"
+                      f"): {search_confirm.describe(confirmed, metric)}.", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in row(t)) + " |" for t in trials]
     atomic_write_text(folder / "search.md", "\n".join(lines) + "\n")
     _plot(folder / "search.png", study, trials, keys, metric)
-    _print_table(trials, keys, best, metric)
+    console = _print_table(trials, keys, best, metric)
+    console.print(f"compute, all trials: {total_line(total)}", highlight=False)
+    if confirmed:
+        console.print(f"confirmed: {search_confirm.describe(confirmed, metric)}", highlight=False)
     return best
+
+
+def total_line(total: dict[str, float]) -> str:
+    return f"{total['steps']:.0f} steps, {total['examples']:.0f} training examples, {total['seconds']:.0f} s"
 
 
 def _plot(path: Path, study, trials, keys: list[str], metric: str) -> bool:
@@ -524,7 +604,7 @@ def _plot(path: Path, study, trials, keys: list[str], metric: str) -> bool:
     return True
 
 
-def _print_table(trials, keys: list[str], best, metric: str) -> None:
+def _print_table(trials, keys: list[str], best, metric: str):
     """The trials on the terminal, short enough to read: parameters by their last name (`lr` for `trainer.lr`,
     unless two keys share it) and numbers to 4 significant digits; search.csv keeps full precision."""
     last = [k.rsplit(".", 1)[-1] for k in keys]
@@ -535,12 +615,14 @@ def _print_table(trials, keys: list[str], best, metric: str) -> None:
 
     console = print_table(
         "ptune search",
-        ["trial", "state", metric, *names],
-        ([str(t.number), t.state.name, cell(t.value), *(cell(t.params.get(k)) for k in keys)] for t in trials),
+        ["trial", "state", metric, *names, *COMPUTE],
+        ([str(t.number), t.state.name, cell(t.value), *(cell(t.params.get(k)) for k in keys),
+          *(cell(t.user_attrs.get(k)) for k in COMPUTE)] for t in trials),
     )
     if best is not None:
         console.print(f"best trial {best.number}: {metric} {best.value:.4f} "
                       + " ".join(f"{k}={v}" for k, v in best.params.items()), highlight=False)
+    return console
 
 
 def report_search_main(folder: Path) -> None:
