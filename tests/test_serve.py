@@ -64,7 +64,7 @@ class Server:
             h["Authorization"] = f"Bearer {token}"
         conn.request(method, path, body=data, headers=h)
         res = conn.getresponse()
-        out = (res.status, dict(res.getheaders()), res.read())
+        out = (res.status, {k.lower(): v for k, v in res.getheaders()}, res.read())
         conn.close()
         return out
 
@@ -158,3 +158,229 @@ def _metric(server, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in /metrics")
+
+
+BAD = [  # (method, path, body, status, words the message must hold)
+    ("POST", "/v1/classify", b'{"model": "soft4", "inputs": ["fine"', 400, "not valid JSON"),
+    ("POST", "/v1/classify", b'{"model": "soft4", "inputs": ["\xff\xfe bad"]}', 400, "not UTF-8"),
+    ("POST", "/v1/classify", b'["soft4"]', 400, "must be a JSON object"),
+    ("POST", "/v1/classify", {"inputs": ["fine"]}, 400, "missing field 'model'"),
+    ("POST", "/v1/classify", {"model": "soft4", "input": ["fine"]}, 400, "unknown field 'input'"),
+    ("POST", "/v1/classify", {"model": "soft4", "inputs": "fine", "x": 1}, 400, "unknown field 'x'"),
+    ("POST", "/v1/classify", {"model": 3, "inputs": ["fine"]}, 400, '"model" must be a string'),
+    ("POST", "/v1/classify", {"model": "nope", "inputs": ["fine"]}, 404, "model 'nope' is not served"),
+    ("POST", "/v1/classify", {"model": "soft4", "inputs": []}, 400, '"inputs" must be a non-empty list'),
+    ("POST", "/v1/classify", {"model": "soft4", "inputs": [["fine"]]}, 400, "inputs[0] must be a text or an object"),
+    ("POST", "/v1/classify", {"model": "soft4", "inputs": [{"review": "x"}]}, 400, "no field 'text_a'"),
+    ("POST", "/v1/classify", {"model": "soft4", "inputs": [{"text_a": None}]}, 400, "inputs[0].text_a must be a text"),
+    ("POST", "/v1/classify", {"model": "soft4", "inputs": ["ok", "x" * 501]}, 413, "inputs[1].text_a is 501"),
+    ("POST", "/v1/classify", {"model": "soft4", "inputs": ["ok"] * 9}, 413, "9 inputs: the limit is 8"),
+    ("POST", "/v1/classify", {"model": "soft4", "inputs": ["a" * 400] * 60}, 413, "the limit is 20000"),
+    ("POST", "/v1/completions", {"model": "soft4", "prompt": "hi"}, 400, "use POST /v1/classify"),
+    ("GET", "/v1/nothing", None, 404, "no endpoint /v1/nothing"),
+    ("GET", "/v1/classify", None, 405, "method GET is not allowed"),
+    ("DELETE", "/v1/models/nope", None, 404, "model 'nope' is not served"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "words"), BAD, ids=[b[4][:24] for b in BAD])
+def test_bad_request_gets_its_4xx_and_the_server_goes_on(server, method, path, body, status, words):
+    got, headers, raw = server.request(method, path, body)
+    assert got == status, raw
+    error = json.loads(raw)["error"]
+    assert words in error["message"] and error["code"] == status
+    assert "Traceback" not in raw.decode()
+    ok, body = server.json("POST", "/v1/classify", {"model": "soft4", "inputs": ["still here"]})
+    assert ok == 200 and body["results"][0]["label_name"] in ("negative", "positive")
+
+
+def test_bearer_token(server):
+    for token in (None, "wrong"):
+        status, headers, raw = server.request("POST", "/v1/classify", {"model": "soft4", "inputs": ["x"]},
+                                              token=token)
+        assert status == 401 and headers.get("www-authenticate") == "Bearer", raw
+        assert "bearer token" in json.loads(raw)["error"]["message"]
+        assert server.request("GET", "/v1/models", token=token)[0] == 401
+    assert server.request("GET", "/health", token=None)[0] == 200
+    assert server.request("GET", "/v1/models")[0] == 200
+
+
+def test_metrics_are_prometheus_text(server):
+    server.request("POST", "/v1/classify", b"{", token=TOKEN)
+    status, headers, raw = server.request("GET", "/metrics")
+    text = raw.decode()
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    for name in ("ptune_serve_requests_total", "ptune_serve_errors_total", "ptune_serve_queue_depth",
+                 "ptune_serve_batch_rows", "ptune_serve_request_seconds"):
+        assert f"# TYPE {name} " in text
+    assert re.search(r'ptune_serve_requests_total\{endpoint="/v1/classify",code="400"\} [1-9]', text)
+    assert re.search(r'ptune_serve_errors_total\{code="400"\} [1-9]', text)
+    assert 'ptune_serve_request_seconds_bucket{endpoint="/v1/classify",le="+Inf"}' in text
+
+
+def test_models_added_and_removed_while_serving(server, bert_runs, tiny_models, tmp_path):
+    extra = save_prompt(tmp_path, "extra", make_cfg(tiny_models["bert"], "ptuning_v2", prompt_length=2,
+                                                    extra=["backbone.dtype=float32"]), seed=7)
+    ref = reference({**bert_runs, "extra": extra})
+    stop = threading.Event()
+    seen: list[tuple[int, dict]] = []
+
+    def traffic():  # requests in flight the whole time, on the prompts that stay
+        while not stop.is_set():
+            seen.append(server.json("POST", "/v1/classify", {"model": "v1_middle", "inputs": SENTENCES[:3]}))
+
+    threads = [threading.Thread(target=traffic) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        status, body = server.json("POST", "/v1/models", {"name": "extra", "path": str(extra)}, token=None)
+        assert status == 401  # no admin without the token
+        status, body = server.json("POST", "/v1/models", {"name": "extra", "path": str(extra)})
+        assert status == 201 and body["id"] == "extra" and body["method"] == "ptuning_v2", body
+        status, body = server.json("POST", "/v1/classify", {"model": "extra", "inputs": SENTENCES})
+        assert status == 200
+        for text, row in zip(SENTENCES, body["results"], strict=True):
+            assert_same(row, ref[("extra", text)])
+        status, body = server.json("POST", "/v1/models", {"name": "extra", "path": str(extra)})
+        assert status == 409 and "already served" in body["error"]["message"]
+        other = save_prompt(tmp_path, "gpt2", make_cfg(tiny_models["gpt2"], "soft_prompt", prompt_length=2,
+                                                       family="causal"))
+        status, body = server.json("POST", "/v1/models", {"name": "gpt2", "path": str(other)})
+        assert status == 409 and "different backbone" in body["error"]["message"], body
+        status, body = server.json("POST", "/v1/models", {"name": "x", "path": str(tmp_path / "none")})
+        assert status == 400 and "no checkpoint" in body["error"]["message"]
+        status, body = server.json("DELETE", "/v1/models/extra")
+        assert status == 200 and body["deleted"] is True
+        status, body = server.json("POST", "/v1/classify", {"model": "extra", "inputs": ["x"]})
+        assert status == 404
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert seen and all(s == 200 for s, _ in seen)
+    for _, body in seen:
+        for text, row in zip(SENTENCES[:3], body["results"], strict=True):
+            assert_same(row, ref[("v1_middle", text)])
+    status, body = server.json("GET", "/v1/models")
+    assert {m["id"] for m in body["data"]} == {name for name, _, _ in PROMPTS["bert"]}
+
+
+def test_full_queue_gives_503_and_sigterm_drains(bert_runs, tmp_path):
+    """--max-queue 1 and a batch that waits 1.5 s for company: a second request meanwhile is refused with 503 and
+    Retry-After; SIGTERM during the first one lets it finish (its answer arrives) and the process exits 0."""
+    ref = reference(bert_runs)
+    srv = Server([f"a={bert_runs['soft4']}", "--max-queue", "1", "--max-wait-ms", "1500"], cwd=tmp_path)
+    try:
+        first: list = []
+        t = threading.Thread(target=lambda: first.append(
+            srv.json("POST", "/v1/classify", {"model": "a", "inputs": [SENTENCES[0]]}, token=None)))
+        t.start()
+        time.sleep(0.5)
+        status, headers, raw = srv.request("POST", "/v1/classify", {"model": "a", "inputs": ["x"]}, token=None)
+        assert status == 503 and headers.get("retry-after") == "1", raw
+        assert "--max-queue" in json.loads(raw)["error"]["message"]
+        status, body = srv.json("DELETE", "/v1/models/a", token=None)
+        assert status == 403 and "needs a token" in body["error"]["message"]  # a server without a token: no admin
+        srv.proc.send_signal(signal.SIGTERM)
+        t.join(30)
+        assert first and first[0][0] == 200, first
+        assert_same(first[0][1]["results"][0], ref[("soft4", SENTENCES[0])])
+        assert srv.proc.wait(timeout=60) == 0, "".join(srv.log)
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+
+
+GENERATE = {"readout": "generate", "text": "{text_a} It was {mask}", "max_target_length": 6,
+            "label_words": {"negative": ["terrible"], "positive": ["great"]}}
+
+
+@pytest.fixture(scope="module")
+def gen_server(tiny_models, tmp_path_factory):
+    """Two generate prompts (a deep one and a soft one) on a tiny Llama."""
+    root = tmp_path_factory.mktemp("gen_runs")
+    runs = {}
+    for seed, (name, method) in enumerate((("deep", "ptuning_v2"), ("soft", "soft_prompt"))):
+        cfg = make_cfg(tiny_models["llama"], method, family="causal", prompt_length=3, extra=["backbone.dtype=float32"])
+        cfg.template = OmegaConf.create(GENERATE)
+        runs[name] = save_prompt(root, name, cfg, seed)
+    srv = Server([f"{n}={p}" for n, p in runs.items()] + ["--max-wait-ms", "100", "--max-tokens", "16"],
+                 cwd=root)
+    yield srv, runs
+    assert srv.stop() == 0, "".join(srv.log)
+
+
+def test_greedy_completions_equal_predict_generate(gen_server):
+    srv, runs = gen_server
+    expected = {}
+    for name, path in runs.items():
+        rows = predict_generate([str(path)], [{"text_a": s} for s in SENTENCES], [], 32, None, "test")
+        expected[name] = [r["text"] for r in rows]
+    assert expected["deep"] != expected["soft"]
+    jobs = [(name, k) for name in runs for k in range(len(SENTENCES))]
+
+    def ask(job):
+        name, k = job
+        return srv.json("POST", "/v1/completions", {"model": name, "prompt": SENTENCES[k]})
+
+    before = _metric(srv, "ptune_serve_batch_rows_count")
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, jobs))
+    assert _metric(srv, "ptune_serve_batch_rows_count") - before < len(jobs)  # decoded together
+    for (name, k), (status, body) in zip(jobs, answers, strict=True):
+        assert status == 200, body
+        assert body["object"] == "text_completion" and body["model"] == name
+        (choice,) = body["choices"]
+        assert choice["text"] == expected[name][k]
+        assert choice["finish_reason"] in ("stop", "length")
+    status, body = srv.json("POST", "/v1/completions", {"model": "deep", "prompt": SENTENCES[:3]})
+    assert status == 200 and [c["text"] for c in body["choices"]] == expected["deep"][:3]
+    assert body["usage"]["completion_tokens"] <= 3 * 6
+
+
+def _stream(srv, body) -> tuple[list[dict], list[str]]:
+    status, headers, raw = srv.request("POST", "/v1/completions", {**body, "stream": True})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream"), raw
+    lines = [x for x in raw.decode().split("\n") if x]
+    assert all(x.startswith("data: ") for x in lines) and lines[-1] == "data: [DONE]"
+    chunks = [json.loads(x[6:]) for x in lines[:-1]]
+    return chunks, lines
+
+
+def test_streamed_completion_is_the_same_text(gen_server):
+    srv, _ = gen_server
+    body = {"model": "deep", "prompt": SENTENCES[1], "max_tokens": 8}
+    status, whole = srv.json("POST", "/v1/completions", body)
+    chunks, _ = _stream(srv, body)
+    assert len(chunks) >= 2  # the text arrives in pieces, then the finish
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_completion_settings(gen_server):
+    srv, _ = gen_server
+    prompt = {"model": "soft", "prompt": SENTENCES[0], "max_tokens": 12}
+    greedy = srv.json("POST", "/v1/completions", prompt)[1]["choices"][0]["text"]
+    # top_p that keeps one token is greedy decoding
+    nucleus = srv.json("POST", "/v1/completions", {**prompt, "temperature": 1.0, "top_p": 1e-6, "seed": 1})[1]
+    assert nucleus["choices"][0]["text"] == greedy
+    # sampling is reproducible with a seed, and another seed writes another text
+    a, b, c = (srv.json("POST", "/v1/completions", {**prompt, "temperature": 1.5, "seed": s})[1]["choices"][0]["text"]
+               for s in (5, 5, 6))
+    assert a == b and a != c and a != greedy
+    short = srv.json("POST", "/v1/completions", {**prompt, "max_tokens": 2})[1]
+    assert short["usage"]["completion_tokens"] == 2 and short["choices"][0]["finish_reason"] == "length"
+    word = greedy.split()[1]
+    stopped = srv.json("POST", "/v1/completions", {**prompt, "stop": [word]})[1]["choices"][0]
+    assert stopped["text"] == greedy[: greedy.index(word)] and stopped["finish_reason"] == "stop"
+    chunks, _ = _stream(srv, {**prompt, "stop": word})
+    assert "".join(c["choices"][0]["text"] for c in chunks) == stopped["text"]
+    for bad, words in (({"max_tokens": 17}, '"max_tokens" must be an integer from 1 to 16'),
+                       ({"temperature": -1}, '"temperature" must be a number'),
+                       ({"top_p": 0}, '"top_p"'), ({"n": 2}, '"n"'), ({"stop": [1]}, '"stop"'),
+                       ({"stream": "yes"}, '"stream"'), ({"echo": True}, "unknown field 'echo'")):
+        status, body = srv.json("POST", "/v1/completions", {**prompt, **bad})
+        assert status == 400 and words in body["error"]["message"], (bad, body)
+    status, body = srv.json("POST", "/v1/classify", {"model": "soft", "inputs": ["x"]})
+    assert status == 400 and "use POST /v1/completions" in body["error"]["message"]
