@@ -376,6 +376,13 @@ def test_completion_settings(gen_server):
     assert stopped["text"] == greedy[: greedy.index(word)] and stopped["finish_reason"] == "stop"
     chunks, _ = _stream(srv, {**prompt, "stop": word})
     assert "".join(c["choices"][0]["text"] for c in chunks) == stopped["text"]
+    # a stop string across two tokens: the stream holds back what may turn out to be its start
+    first, second = greedy.split()[:2]
+    across = first[-1] + " " + second[0]
+    stopped = srv.json("POST", "/v1/completions", {**prompt, "stop": across})[1]["choices"][0]
+    assert stopped["text"] == greedy[: greedy.index(across)]
+    chunks, _ = _stream(srv, {**prompt, "stop": across})
+    assert "".join(c["choices"][0]["text"] for c in chunks) == stopped["text"]
     for bad, words in (({"max_tokens": 17}, '"max_tokens" must be an integer from 1 to 16'),
                        ({"temperature": -1}, '"temperature" must be a number'),
                        ({"top_p": 0}, '"top_p"'), ({"n": 2}, '"n"'), ({"stop": [1]}, '"stop"'),
