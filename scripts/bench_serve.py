@@ -1,0 +1,212 @@
+"""Loopback load test of `ptune serve`: N concurrent clients over M prompts, against one request at a time and
+against offline `ptune predict` of the same inputs.
+
+    python scripts/bench_serve.py RUN [RUN ...] [--clients 16] [--requests 600] [--seconds 60] [--max-batch 32]
+
+RUNs are what `ptune serve` takes (run folders, or a folder of runs). Each request classifies one SST-2 dev sentence
+(in file order, cycled) with prompt k mod M. Three measurements, each bounded by --requests and --seconds:
+
+* served: `ptune serve` with dynamic batching (--max-batch, --max-wait-ms); N clients, each with one keep-alive
+  connection, send their next request as soon as the last one is answered;
+* one at a time: the same server with --max-batch 1 --max-wait-ms 0 (every request runs alone);
+* offline: `ptune.predict.predict` of the same inputs in this process (length-sorted batches of --max-batch),
+  model loading excluded, as the server's loading is excluded.
+
+Reports throughput (requests/s), p50/p99 latency, the mean rows per batch (from /metrics) and checks that the served
+answers equal the offline ones (label, probabilities within 1e-5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import http.client
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sentences(data: Path, n: int) -> list[str]:
+    with open(data / "sst2" / "dev.tsv", encoding="utf-8") as f:
+        rows = [r["sentence"].strip() for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    return [rows[k % len(rows)] for k in range(n)]
+
+
+class Served:
+    def __init__(self, runs: list[str], flags: list[str]):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "ptune", "serve", *runs, "--port", "0", *flags],
+                                     env=env, stderr=subprocess.PIPE, text=True)
+        log = []
+        while True:
+            line = self.proc.stderr.readline()
+            if not line:
+                raise SystemExit("ptune serve failed to start:\n" + "".join(log))
+            log.append(line)
+            m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                self.port = int(m.group(1))
+                break
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+
+    def get(self, path: str) -> bytes:
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        c.request("GET", path)
+        body = c.getresponse().read()
+        c.close()
+        return body
+
+    def models(self) -> list[str]:
+        return [m["id"] for m in json.loads(self.get("/v1/models"))["data"]]
+
+    def batch_stats(self) -> tuple[float, float]:
+        text = self.get("/metrics").decode()
+        s = float(re.search(r"^ptune_serve_batch_rows_sum (\S+)", text, re.M).group(1))
+        n = float(re.search(r"^ptune_serve_batch_rows_count (\S+)", text, re.M).group(1))
+        return s, n
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=120)
+
+
+def load(srv: Served, jobs: list[tuple[str, str]], clients: int, seconds: float) -> dict:
+    """Send ``jobs`` from ``clients`` threads until all are answered or ``seconds`` have passed."""
+    lock, nxt = threading.Lock(), [0]
+    latencies: list[float] = []
+    answers: dict[int, dict] = {}
+    errors: list[str] = []
+    stop_at = time.perf_counter() + seconds
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=600)
+        while True:
+            with lock:
+                k = nxt[0]
+                nxt[0] += 1
+            if k >= len(jobs) or time.perf_counter() > stop_at:
+                break
+            name, text = jobs[k]
+            body = json.dumps({"model": name, "inputs": [text]})
+            t0 = time.perf_counter()
+            conn.request("POST", "/v1/classify", body=body, headers={"Content-Type": "application/json"})
+            res = conn.getresponse()
+            raw = res.read()
+            dt = time.perf_counter() - t0
+            if res.status != 200:
+                errors.append(f"{res.status} {raw[:200]!r}")
+                continue
+            with lock:
+                latencies.append(dt)
+                answers[k] = json.loads(raw)["results"][0]
+        conn.close()
+
+    s0, n0 = srv.batch_stats()
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    s1, n1 = srv.batch_stats()
+    lat = sorted(latencies)
+    return {
+        "requests": len(lat), "errors": len(errors), "first_error": errors[0] if errors else None,
+        "seconds": round(wall, 2), "throughput_rps": round(len(lat) / wall, 1),
+        "p50_ms": round(1000 * statistics.median(lat), 1) if lat else None,
+        "p99_ms": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1) if lat else None,
+        "mean_batch_rows": round((s1 - s0) / max(n1 - n0, 1), 2), "answers": answers,
+    }
+
+
+def served_run(runs, flags, jobs, clients, seconds) -> dict:
+    srv = Served(runs, flags)
+    try:
+        names = srv.models()
+        jobs = [(names[int(n)], t) for n, t in jobs]
+        load(srv, jobs[: 2 * len(names)], min(clients, 4), 60)  # warm-up
+        return load(srv, jobs, clients, seconds)
+    finally:
+        srv.stop()
+
+
+def offline(runs: list[str], jobs, batch_size: int) -> tuple[dict, dict[int, dict]]:
+    sys.path.insert(0, str(REPO))
+    from ptune.commands import quiet
+    from ptune.commands.serve import expand_runs
+    from ptune.predict import predict
+    from ptune.serving import PromptServer
+
+    quiet()
+    named = expand_runs(runs)
+    server = PromptServer([p for _, p in named])
+    names = sorted(n for n, _ in named)  # /v1/models lists models sorted by name
+    index = {n: i for i, (n, _) in enumerate(named)}
+    inputs = [{"text_a": t, "checkpoint": index[names[int(n)]]} for n, t in jobs]
+    predict([], inputs[:16], batch_size=batch_size, server=server)  # warm-up
+    start = time.perf_counter()
+    rows = predict([], inputs, batch_size=batch_size, server=server)
+    wall = time.perf_counter() - start
+    return {"requests": len(rows), "seconds": round(wall, 2), "throughput_rps": round(len(rows) / wall, 1)}, {
+        r["index"]: r for r in rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=600)
+    ap.add_argument("--seconds", type=float, default=60, help="time limit of each measurement")
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--max-wait-ms", type=float, default=5)
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("PTUNE_DATA", "/work/shared/data")))
+    ap.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = ap.parse_args()
+    os.environ.setdefault("PTUNE_DATA", str(args.data))
+    texts = sentences(args.data, args.requests)
+    from ptune.commands.serve import expand_runs
+
+    m = len(expand_runs(args.runs))
+    jobs = [(str(k % m), t) for k, t in enumerate(texts)]
+    flags = ["--max-queue", str(4 * args.clients), "--max-inputs", "1"]
+    batched = served_run(args.runs, [*flags, "--max-batch", str(args.max_batch), "--max-wait-ms",
+                                     str(args.max_wait_ms)], jobs, args.clients, args.seconds)
+    single = served_run(args.runs, [*flags, "--max-batch", "1", "--max-wait-ms", "0"], jobs, args.clients,
+                        args.seconds)
+    off, ref = offline(args.runs, jobs, args.max_batch)
+    same = all(
+        a["label"] == ref[k]["label"]
+        and all(abs(a["probs"][c] - ref[k]["probs"][c]) <= 1e-5 for c in a["probs"])
+        for k, a in batched["answers"].items()
+    )
+    for r in (batched, single):
+        r.pop("answers")
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+                   f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end",
+        "prompts": m, "clients": args.clients, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+        "served": batched, "one_at_a_time": single, "offline_predict": off,
+        "speedup_vs_one_at_a_time": round(batched["throughput_rps"] / single["throughput_rps"], 2),
+        "fraction_of_offline": round(batched["throughput_rps"] / off["throughput_rps"], 2),
+        "served_answers_equal_offline": same,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()
