@@ -13,7 +13,7 @@ RUNs are what `ptune serve` takes (run folders, or a folder of runs). Each reque
   model loading excluded, as the server's loading is excluded.
 
 Reports throughput (requests/s), p50/p99 latency, the mean rows per batch (from /metrics) and checks that the served
-answers equal the offline ones (label, probabilities within 1e-5).
+answers agree with the offline ones (labels, largest probability difference).
 """
 
 from __future__ import annotations
@@ -158,8 +158,9 @@ def offline(runs: list[str], jobs, batch_size: int) -> tuple[dict, dict[int, dic
     start = time.perf_counter()
     rows = predict([], inputs, batch_size=batch_size, server=server)
     wall = time.perf_counter() - start
-    return {"requests": len(rows), "seconds": round(wall, 2), "throughput_rps": round(len(rows) / wall, 1)}, {
-        r["index"]: r for r in rows}
+    figures = {"requests": len(rows), "seconds": round(wall, 2), "throughput_rps": round(len(rows) / wall, 1),
+               "precision": str(server.amp or "fp32")}
+    return figures, {r["index"]: r for r in rows}
 
 
 def main() -> None:
@@ -185,11 +186,10 @@ def main() -> None:
     single = served_run(args.runs, [*flags, "--max-batch", "1", "--max-wait-ms", "0"], jobs, args.clients,
                         args.seconds)
     off, ref = offline(args.runs, jobs, args.max_batch)
-    same = all(
-        a["label"] == ref[k]["label"]
-        and all(abs(a["probs"][c] - ref[k]["probs"][c]) <= 1e-5 for c in a["probs"])
-        for k, a in batched["answers"].items()
-    )
+    # fp32 gives the same probabilities up to ~1e-6 whatever the batch; under bf16 autocast (trainer.precision=auto on
+    # a CPU with AVX512-BF16) a row's rounding depends on the batch's padded width, so report how close they are
+    diffs = [max(abs(a["probs"][c] - ref[k]["probs"][c]) for c in a["probs"]) for k, a in batched["answers"].items()]
+    agree = sum(a["label"] == ref[k]["label"] for k, a in batched["answers"].items())
     for r in (batched, single):
         r.pop("answers")
     report = {
@@ -199,7 +199,7 @@ def main() -> None:
         "served": batched, "one_at_a_time": single, "offline_predict": off,
         "speedup_vs_one_at_a_time": round(batched["throughput_rps"] / single["throughput_rps"], 2),
         "fraction_of_offline": round(batched["throughput_rps"] / off["throughput_rps"], 2),
-        "served_answers_equal_offline": same,
+        "served_vs_offline": {"labels_equal": f"{agree}/{len(diffs)}", "max_prob_diff": max(diffs, default=0.0)},
     }
     text = json.dumps(report, indent=2)
     print(text)

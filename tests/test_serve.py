@@ -171,7 +171,8 @@ BAD = [  # (method, path, body, status, words the message must hold)
     ("POST", "/v1/classify", {"model": "nope", "inputs": ["fine"]}, 404, "model 'nope' is not served"),
     ("POST", "/v1/classify", {"model": "soft4", "inputs": []}, 400, '"inputs" must be a non-empty list'),
     ("POST", "/v1/classify", {"model": "soft4", "inputs": [["fine"]]}, 400, "inputs[0] must be a text or an object"),
-    ("POST", "/v1/classify", {"model": "soft4", "inputs": [{"review": "x"}]}, 400, "no field 'text_a'"),
+    ("POST", "/v1/classify", {"model": "soft4", "inputs": [{"review": "x"}]}, 400,
+     "inputs[0]: no field 'text_a' for checkpoint 'soft4'"),
     ("POST", "/v1/classify", {"model": "soft4", "inputs": [{"text_a": None}]}, 400, "inputs[0].text_a must be a text"),
     ("POST", "/v1/classify", {"model": "soft4", "inputs": ["ok", "x" * 501]}, 413, "inputs[1].text_a is 501"),
     ("POST", "/v1/classify", {"model": "soft4", "inputs": ["ok"] * 9}, 413, "9 inputs: the limit is 8"),
@@ -391,3 +392,28 @@ def test_completion_settings(gen_server):
         assert status == 400 and words in body["error"]["message"], (bad, body)
     status, body = srv.json("POST", "/v1/classify", {"model": "soft", "inputs": ["x"]})
     assert status == 400 and "use POST /v1/completions" in body["error"]["message"]
+
+
+def test_command_line_errors(bert_runs, tmp_path):
+    """Bad arguments end in one line and exit 2, before any model loads; a port in use is named."""
+    import socket
+
+    from .test_cli import ptune
+
+    run = str(bert_runs["soft4"])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        cases = [
+            ([str(tmp_path / "nothing")], "no checkpoint at"),
+            ([str(tmp_path)], "nor in its subfolders"),
+            ([run, "--port", "70000"], "--port 70000 is not a port"),
+            ([run, "--max-batch", "0"], "--max-batch 0 must be > 0"),
+            ([run, f"x={run}", f"x={run}"], "two runs would be served as 'x'"),
+            ([run, "--port", port], f"cannot listen on 127.0.0.1:{port}"),
+        ]
+        for args, words in cases:
+            res = ptune("serve", *args, cwd=tmp_path)
+            assert res.returncode == 2 and words in res.stderr, (args, res.stderr)
+            assert res.stderr.startswith("ptune: error:") and "Traceback" not in res.stderr

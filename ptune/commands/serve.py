@@ -117,7 +117,9 @@ def _serve(args, runs: list[tuple[str, str]], token: str | None, sock: socket.so
     from ..serving import PromptServer
 
     server = PromptServer([p for _, p in runs], device=args.device)
-    models = Models({name: prompt for (name, _), prompt in zip(runs, server.prompts, strict=True)})
+    for (name, _), prompt in zip(runs, server.prompts, strict=True):
+        prompt.name = name  # what error messages call it: the served name, not a path on the server
+    models = Models({p.name: p for p in server.prompts})
     metrics = Metrics()
     batcher = Batcher(server, metrics, args.max_batch, args.max_wait_ms / 1000, args.max_queue)
     limits = Limits(args.max_body_bytes, args.max_inputs, args.max_input_chars, args.max_tokens)
