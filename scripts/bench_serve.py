@@ -80,7 +80,7 @@ class Served:
         self.proc.wait(timeout=120)
 
 
-def load(srv: Served, jobs: list[tuple[str, str]], clients: int, seconds: float) -> dict:
+def load(srv: Served, jobs: list[tuple[str, str]], clients: int, seconds: float, max_tokens: int = 0) -> dict:
     """Send ``jobs`` from ``clients`` threads until all are answered or ``seconds`` have passed."""
     lock, nxt = threading.Lock(), [0]
     latencies: list[float] = []
@@ -97,9 +97,12 @@ def load(srv: Served, jobs: list[tuple[str, str]], clients: int, seconds: float)
             if k >= len(jobs) or time.perf_counter() > stop_at:
                 break
             name, text = jobs[k]
-            body = json.dumps({"model": name, "inputs": [text]})
+            if max_tokens:
+                path, body = "/v1/completions", json.dumps({"model": name, "prompt": text, "max_tokens": max_tokens})
+            else:
+                path, body = "/v1/classify", json.dumps({"model": name, "inputs": [text]})
             t0 = time.perf_counter()
-            conn.request("POST", "/v1/classify", body=body, headers={"Content-Type": "application/json"})
+            conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
             res = conn.getresponse()
             raw = res.read()
             dt = time.perf_counter() - t0
@@ -108,7 +111,8 @@ def load(srv: Served, jobs: list[tuple[str, str]], clients: int, seconds: float)
                 continue
             with lock:
                 latencies.append(dt)
-                answers[k] = json.loads(raw)["results"][0]
+                answer = json.loads(raw)
+                answers[k] = answer["choices"][0]["text"] if max_tokens else answer["results"][0]
         conn.close()
 
     s0, n0 = srv.batch_stats()
@@ -130,25 +134,64 @@ def load(srv: Served, jobs: list[tuple[str, str]], clients: int, seconds: float)
     }
 
 
-def served_run(runs, flags, jobs, clients, seconds) -> dict:
+def served_run(runs, flags, jobs, clients, seconds, max_tokens) -> dict:
     srv = Served(runs, flags)
     try:
         names = srv.models()
         jobs = [(names[int(n)], t) for n, t in jobs]
-        load(srv, jobs[: 2 * len(names)], min(clients, 4), 60)  # warm-up
-        return load(srv, jobs, clients, seconds)
+        load(srv, jobs[: 2 * len(names)], min(clients, 4), 120, max_tokens)  # warm-up
+        return load(srv, jobs, clients, seconds, max_tokens)
     finally:
         srv.stop()
 
 
-def offline(runs: list[str], jobs, batch_size: int) -> tuple[dict, dict[int, dict]]:
+def offline_generate(runs: list[str], jobs, batch_size: int, max_tokens: int, threads: int
+                     ) -> tuple[dict, dict[int, str]]:
+    """`ptune predict --generate` of the same inputs (each prompt's rows in length-sorted batches), loading excluded."""
+    sys.path.insert(0, str(REPO))
+    from ptune.batching import Encoded
+    from ptune.commands import quiet
+    from ptune.commands.serve import expand_runs
+    from ptune.config import trainer_config
+    from ptune.generation import generate_texts, prompt_rows
+    from ptune.inference import load_task
+    from ptune.runtime import configure_threads, pick_amp, pick_device
+    from ptune.token_cache import render_split
+
+    quiet()
+    configure_threads(threads)
+    named = sorted(expand_runs(runs))
+    out: dict[int, str] = {}
+    wall = 0.0
+    for n, (_, path) in enumerate(named):
+        task, cfg, _, _ = load_task(path)
+        tr = trainer_config(cfg)
+        dev = pick_device(tr.device)
+        amp = pick_amp(tr.precision, dev)
+        task.model.to(dev)
+        mine = [(k, t) for k, (m, t) in enumerate(jobs) if int(m) == n]
+        ids, answers = render_split(task.renderer, [{"text_a": t} for _, t in mine])
+        data = Encoded(prompt_rows(ids, answers), answers, [0] * len(ids))
+        generate_texts(task.model, Encoded(data.input_ids[:4], answers[:4], [0] * 4), batch_size, dev, amp,
+                       max_new_tokens=max_tokens)  # warm-up
+        start = time.perf_counter()
+        texts = generate_texts(task.model, data, batch_size, dev, amp, max_new_tokens=max_tokens)
+        wall += time.perf_counter() - start
+        out.update({k: t for (k, _), t in zip(mine, texts, strict=True)})
+    figures = {"requests": len(out), "seconds": round(wall, 2), "throughput_rps": round(len(out) / wall, 1)}
+    return figures, out
+
+
+def offline(runs: list[str], jobs, batch_size: int, threads: int) -> tuple[dict, dict[int, dict]]:
     sys.path.insert(0, str(REPO))
     from ptune.commands import quiet
     from ptune.commands.serve import expand_runs
     from ptune.predict import predict
+    from ptune.runtime import configure_threads
     from ptune.serving import PromptServer
 
     quiet()
+    configure_threads(threads)
     named = expand_runs(runs)
     server = PromptServer([p for _, p in named])
     names = sorted(n for n, _ in named)  # /v1/models lists models sorted by name
@@ -163,6 +206,14 @@ def offline(runs: list[str], jobs, batch_size: int) -> tuple[dict, dict[int, dic
     return figures, {r["index"]: r for r in rows}
 
 
+def compare(answers: dict[int, dict], ref: dict[int, dict]) -> dict:
+    # fp32 gives the same probabilities up to ~1e-6 whatever the batch; under bf16 autocast (trainer.precision=auto on
+    # a CPU with AVX512-BF16) a row's rounding depends on the batch's padded width, so report how close they are
+    diffs = [max(abs(a["probs"][c] - ref[k]["probs"][c]) for c in a["probs"]) for k, a in answers.items()]
+    agree = sum(a["label"] == ref[k]["label"] for k, a in answers.items())
+    return {"labels_equal": f"{agree}/{len(diffs)}", "max_prob_diff": max(diffs, default=0.0)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+")
@@ -172,7 +223,10 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=5)
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("PTUNE_DATA", "/work/shared/data")))
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads, the same for all three (0: all cores)")
     ap.add_argument("--json", type=Path, help="also write the figures to this file")
+    ap.add_argument("--completions", type=int, default=0, metavar="MAX_TOKENS",
+                    help="generate prompts: POST /v1/completions (greedy, this max_tokens) instead of /v1/classify")
     args = ap.parse_args()
     os.environ.setdefault("PTUNE_DATA", str(args.data))
     texts = sentences(args.data, args.requests)
@@ -180,26 +234,29 @@ def main() -> None:
 
     m = len(expand_runs(args.runs))
     jobs = [(str(k % m), t) for k, t in enumerate(texts)]
-    flags = ["--max-queue", str(4 * args.clients), "--max-inputs", "1"]
+    flags = ["--max-queue", str(4 * args.clients), "--max-inputs", "1", "--threads", str(args.threads)]
     batched = served_run(args.runs, [*flags, "--max-batch", str(args.max_batch), "--max-wait-ms",
-                                     str(args.max_wait_ms)], jobs, args.clients, args.seconds)
+                                     str(args.max_wait_ms)], jobs, args.clients, args.seconds, args.completions)
     single = served_run(args.runs, [*flags, "--max-batch", "1", "--max-wait-ms", "0"], jobs, args.clients,
-                        args.seconds)
-    off, ref = offline(args.runs, jobs, args.max_batch)
-    # fp32 gives the same probabilities up to ~1e-6 whatever the batch; under bf16 autocast (trainer.precision=auto on
-    # a CPU with AVX512-BF16) a row's rounding depends on the batch's padded width, so report how close they are
-    diffs = [max(abs(a["probs"][c] - ref[k]["probs"][c]) for c in a["probs"]) for k, a in batched["answers"].items()]
-    agree = sum(a["label"] == ref[k]["label"] for k, a in batched["answers"].items())
+                        args.seconds, args.completions)
+    if args.completions:
+        off, texts = offline_generate(args.runs, jobs, args.max_batch, args.completions, args.threads)
+        same = sum(a == texts[k] for k, a in batched["answers"].items())
+        agreement = {"texts_equal": f"{same}/{len(batched['answers'])}"}
+    else:
+        off, ref = offline(args.runs, jobs, args.max_batch, args.threads)
+        agreement = compare(batched["answers"], ref)
     for r in (batched, single):
         r.pop("answers")
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
                    f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end",
-        "prompts": m, "clients": args.clients, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+        "prompts": m, "clients": args.clients, "threads": args.threads or os.cpu_count(),
+        "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
         "served": batched, "one_at_a_time": single, "offline_predict": off,
         "speedup_vs_one_at_a_time": round(batched["throughput_rps"] / single["throughput_rps"], 2),
         "fraction_of_offline": round(batched["throughput_rps"] / off["throughput_rps"], 2),
-        "served_vs_offline": {"labels_equal": f"{agree}/{len(diffs)}", "max_prob_diff": max(diffs, default=0.0)},
+        "served_vs_offline": agreement,
     }
     text = json.dumps(report, indent=2)
     print(text)

@@ -417,3 +417,16 @@ def test_command_line_errors(bert_runs, tmp_path):
             res = ptune("serve", *args, cwd=tmp_path)
             assert res.returncode == 2 and words in res.stderr, (args, res.stderr)
             assert res.stderr.startswith("ptune: error:") and "Traceback" not in res.stderr
+
+
+def test_length_chunks_cut_where_padding_costs_more_than_a_forward():
+    from ptune.server.batcher import CHUNK_OVERHEAD, length_chunks
+
+    lengths = [40, 12, 41, 11, 13, 39, 10, 42]
+    chunks = length_chunks(lengths, 32)
+    assert sorted(k for c in chunks for k in c) == list(range(len(lengths)))
+    assert [sorted(lengths[k] for k in c) for c in chunks] == [[10, 11, 12, 13], [39, 40, 41, 42]]
+    assert length_chunks([20] * 10, 32) == [sorted(range(10), key=lambda k: 20)]  # equal lengths: one forward
+    assert all(len(c) <= 3 for c in length_chunks([20] * 10, 3))
+    near = [20, 21, 20 + CHUNK_OVERHEAD // 8]  # saving fewer padded tokens than a forward costs: no cut
+    assert len(length_chunks(near, 32)) == 1

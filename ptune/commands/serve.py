@@ -77,6 +77,8 @@ def serve_main(argv: list[str]) -> None:
                         help=f"bearer token every request but GET /health must carry (default: ${TOKEN_ENV}); "
                              "needed to add or remove models")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="intra-op threads of the model (default 0: every allowed core, as trainer.num_threads)")
     parser.add_argument("--max-batch", type=int, default=32, help="rows per batch the model runs (default 32)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0,
                         help="how long the first request of a batch waits for others (default 5 ms)")
@@ -90,6 +92,8 @@ def serve_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     for flag in ("max_batch", "max_queue", "max_body_bytes", "max_inputs", "max_input_chars", "max_tokens"):
         _positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    if args.threads < 0:
+        raise PtuneError(f"--threads {args.threads} must be >= 0 (0: every allowed core)")
     if args.max_wait_ms < 0:
         raise PtuneError(f"--max-wait-ms {args.max_wait_ms:g} must be >= 0")
     if not 0 <= args.port <= 65535:
@@ -111,11 +115,13 @@ def _serve(args, runs: list[tuple[str, str]], token: str | None, sock: socket.so
 
     import uvicorn
 
+    from ..runtime import configure_threads
     from ..server.app import Limits, Models, create_app
     from ..server.batcher import Batcher
     from ..server.metrics import Metrics
     from ..serving import PromptServer
 
+    threads = configure_threads(args.threads)
     server = PromptServer([p for _, p in runs], device=args.device)
     for (name, _), prompt in zip(runs, server.prompts, strict=True):
         prompt.name = name  # what error messages call it: the served name, not a path on the server
@@ -135,7 +141,7 @@ def _serve(args, runs: list[tuple[str, str]], token: str | None, sock: socket.so
     shown = f"[{host}]" if ":" in host else host
     auth = "bearer token required" if token else "no token"
     print(f"ptune serve: {len(runs)} model(s) ({', '.join(n for n, _ in runs)}) on http://{shown}:{port} ({auth}, "
-          f"device {server.device.type})", file=sys.stderr, flush=True)
+          f"device {server.device.type}, {threads} thread(s))", file=sys.stderr, flush=True)
     if host not in ("127.0.0.1", "::1", "localhost"):
         print(f"ptune serve: warning: listening on {host}, reachable from other machines", file=sys.stderr, flush=True)
     try:
