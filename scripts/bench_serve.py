@@ -6,10 +6,11 @@ against offline `ptune predict` of the same inputs.
 RUNs are what `ptune serve` takes (run folders, or a folder of runs). Each request classifies one SST-2 dev sentence
 (in file order, cycled) with prompt k mod M. Three measurements, each bounded by --requests and --seconds:
 
-* served: `ptune serve` with dynamic batching (--max-batch, --max-wait-ms); N clients, each with one keep-alive
-  connection, send their next request as soon as the last one is answered;
+* served: `ptune serve` with dynamic batching (--max-batch, --max-wait-ms); N client threads, each with one
+  keep-alive connection (a minimal raw-socket HTTP/1.1 client), send their next request as soon as the last one is
+  answered;
 * one at a time: the same server with --max-batch 1 --max-wait-ms 0 (every request runs alone);
-* offline: `ptune.predict.predict` of the same inputs in this process (length-sorted batches of --max-batch),
+* offline: `ptune.predict.predict` of the same inputs in a fresh process (length-sorted batches of --max-batch),
   model loading excluded, as the server's loading is excluded.
 
 Reports throughput (requests/s), p50/p99 latency, the mean rows per batch (from /metrics) and checks that the served
@@ -26,9 +27,11 @@ import os
 import platform
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -80,6 +83,24 @@ class Served:
         self.proc.wait(timeout=120)
 
 
+def post(sock: socket.socket, path: str, body: bytes) -> tuple[int, bytes]:
+    """One keep-alive HTTP/1.1 POST on a raw socket: a load generator light enough to leave the 2 cores to the
+    server (http.client parses every header through the email package)."""
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        buf += chunk
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return int(head[9:12]), rest
+
+
 def load(srv: Served, jobs: list[tuple[str, str]], clients: int, seconds: float, max_tokens: int = 0) -> dict:
     """Send ``jobs`` from ``clients`` threads until all are answered or ``seconds`` have passed."""
     lock, nxt = threading.Lock(), [0]
@@ -89,7 +110,7 @@ def load(srv: Served, jobs: list[tuple[str, str]], clients: int, seconds: float,
     stop_at = time.perf_counter() + seconds
 
     def client():
-        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=600)
+        sock = socket.create_connection(("127.0.0.1", srv.port))
         while True:
             with lock:
                 k = nxt[0]
@@ -102,18 +123,16 @@ def load(srv: Served, jobs: list[tuple[str, str]], clients: int, seconds: float,
             else:
                 path, body = "/v1/classify", json.dumps({"model": name, "inputs": [text]})
             t0 = time.perf_counter()
-            conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
-            res = conn.getresponse()
-            raw = res.read()
+            status, raw = post(sock, path, body.encode())
             dt = time.perf_counter() - t0
-            if res.status != 200:
-                errors.append(f"{res.status} {raw[:200]!r}")
+            if status != 200:
+                errors.append(f"{status} {raw[:200]!r}")
                 continue
+            answer = json.loads(raw)
             with lock:
                 latencies.append(dt)
-                answer = json.loads(raw)
                 answers[k] = answer["choices"][0]["text"] if max_tokens else answer["results"][0]
-        conn.close()
+        sock.close()
 
     s0, n0 = srv.batch_stats()
     start = time.perf_counter()
@@ -225,6 +244,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("PTUNE_DATA", "/work/shared/data")))
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads, the same for all three (0: all cores)")
     ap.add_argument("--json", type=Path, help="also write the figures to this file")
+    ap.add_argument("--offline-into", type=Path, help=argparse.SUPPRESS)  # the offline measurement, in its own process
     ap.add_argument("--completions", type=int, default=0, metavar="MAX_TOKENS",
                     help="generate prompts: POST /v1/completions (greedy, this max_tokens) instead of /v1/classify")
     args = ap.parse_args()
@@ -234,17 +254,28 @@ def main() -> None:
 
     m = len(expand_runs(args.runs))
     jobs = [(str(k % m), t) for k, t in enumerate(texts)]
+    if args.offline_into:
+        if args.completions:
+            result = offline_generate(args.runs, jobs, args.max_batch, args.completions, args.threads)
+        else:
+            result = offline(args.runs, jobs, args.max_batch, args.threads)
+        args.offline_into.write_text(json.dumps(result))
+        return
     flags = ["--max-queue", str(4 * args.clients), "--max-inputs", "1", "--threads", str(args.threads)]
     batched = served_run(args.runs, [*flags, "--max-batch", str(args.max_batch), "--max-wait-ms",
                                      str(args.max_wait_ms)], jobs, args.clients, args.seconds, args.completions)
     single = served_run(args.runs, [*flags, "--max-batch", "1", "--max-wait-ms", "0"], jobs, args.clients,
                         args.seconds, args.completions)
+    # offline in a fresh process, as `ptune predict` runs (not beside this process's client threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        into = Path(tmp) / "offline.json"
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--offline-into", str(into)], check=True)
+        off, ref = json.loads(into.read_text())
+    ref = {int(k): v for k, v in ref.items()}
     if args.completions:
-        off, texts = offline_generate(args.runs, jobs, args.max_batch, args.completions, args.threads)
-        same = sum(a == texts[k] for k, a in batched["answers"].items())
+        same = sum(a == ref[k] for k, a in batched["answers"].items())
         agreement = {"texts_equal": f"{same}/{len(batched['answers'])}"}
     else:
-        off, ref = offline(args.runs, jobs, args.max_batch, args.threads)
         agreement = compare(batched["answers"], ref)
     for r in (batched, single):
         r.pop("answers")
