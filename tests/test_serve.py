@@ -268,24 +268,30 @@ def test_models_added_and_removed_while_serving(server, bert_runs, tiny_models, 
 
 def test_full_queue_gives_503_and_sigterm_drains(bert_runs, tmp_path):
     """--max-queue 1 and a batch that waits 1.5 s for company: a second request meanwhile is refused with 503 and
-    Retry-After; SIGTERM during the first one lets it finish (its answer arrives) and the process exits 0."""
+    Retry-After; a DELETE of the model the first request names waits for that request's batch (it is answered with
+    the model); SIGTERM during all this lets both finish and the process exits 0."""
     ref = reference(bert_runs)
-    srv = Server([f"a={bert_runs['soft4']}", "--max-queue", "1", "--max-wait-ms", "1500"], cwd=tmp_path)
+    srv = Server([f"a={bert_runs['soft4']}", f"b={bert_runs['v2_len3']}", "--max-queue", "1", "--max-wait-ms", "1500",
+                  "--token", TOKEN], cwd=tmp_path)
     try:
         first: list = []
+        deleted: list = []
         t = threading.Thread(target=lambda: first.append(
-            srv.json("POST", "/v1/classify", {"model": "a", "inputs": [SENTENCES[0]]}, token=None)))
+            srv.json("POST", "/v1/classify", {"model": "b", "inputs": [SENTENCES[0]]})))
         t.start()
         time.sleep(0.5)
-        status, headers, raw = srv.request("POST", "/v1/classify", {"model": "a", "inputs": ["x"]}, token=None)
+        status, headers, raw = srv.request("POST", "/v1/classify", {"model": "a", "inputs": ["x"]})
         assert status == 503 and headers.get("retry-after") == "1", raw
         assert "--max-queue" in json.loads(raw)["error"]["message"]
-        status, body = srv.json("DELETE", "/v1/models/a", token=None)
-        assert status == 403 and "needs a token" in body["error"]["message"]  # a server without a token: no admin
+        d = threading.Thread(target=lambda: deleted.append(srv.json("DELETE", "/v1/models/b")))
+        d.start()
+        time.sleep(0.2)
         srv.proc.send_signal(signal.SIGTERM)
         t.join(30)
+        d.join(30)
         assert first and first[0][0] == 200, first
-        assert_same(first[0][1]["results"][0], ref[("soft4", SENTENCES[0])])
+        assert_same(first[0][1]["results"][0], ref[("v2_len3", SENTENCES[0])])
+        assert deleted and deleted[0][0] == 200, deleted
         assert srv.proc.wait(timeout=60) == 0, "".join(srv.log)
     finally:
         if srv.proc.poll() is None:
@@ -392,6 +398,8 @@ def test_completion_settings(gen_server):
         assert status == 400 and words in body["error"]["message"], (bad, body)
     status, body = srv.json("POST", "/v1/classify", {"model": "soft", "inputs": ["x"]})
     assert status == 400 and "use POST /v1/completions" in body["error"]["message"]
+    status, body = srv.json("DELETE", "/v1/models/soft", token=None)
+    assert status == 403 and "needs a token" in body["error"]["message"]  # a server without a token: no admin
 
 
 def test_command_line_errors(bert_runs, tmp_path):
