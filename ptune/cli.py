@@ -95,6 +95,10 @@ COMMANDS = {
         _lazy("predict", "predict_main"),
         "predict with one or more checkpoints (mixed batches): PATH... --input F.jsonl | --text T [--output O]",
     ),
+    "serve": (
+        _lazy("serve", "serve_main"),
+        "serve checkpoints of one backbone over HTTP (batched): RUN [NAME=RUN ...] [--host H] [--port P]",
+    ),
     "export": (
         _lazy("export", "export_main"),
         "export a checkpoint for other libraries: PATH --format peft --output DIR",

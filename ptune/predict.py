@@ -134,6 +134,18 @@ def _route(obj: Mapping[str, Any], prompts: list, where: str) -> list[int]:
     raise PtuneError(f'{where}: "checkpoint": {want!r} is none of the checkpoints given ({names})')
 
 
+def class_row(labels: Sequence[str], scores: torch.Tensor) -> dict[str, Any]:
+    """label, label_name and probs (softmax of the class scores, 6 decimals) of one prediction; ``ptune serve``
+    answers with the same row."""
+    probs = torch.softmax(scores.float(), -1).tolist()
+    if not all(math.isfinite(p) for p in probs):
+        # a NaN/Inf score has no argmax worth reporting, and NaN is not JSON: say "no prediction" with nulls
+        return {"label": None, "label_name": None, "probs": dict.fromkeys(labels), "error": "non-finite class scores"}
+    k = int(torch.argmax(scores))
+    rounded = {name: round(p, 6) for name, p in zip(labels, probs, strict=True)}
+    return {"label": k, "label_name": labels[k], "probs": rounded}
+
+
 def predict(
     paths: Sequence[str],
     inputs: Sequence[Mapping[str, Any]],
@@ -156,31 +168,7 @@ def predict(
     scores = server.scores(requests, batch_size=batch_size)
     rows = []
     for (i, _), n, s in zip(requests, owners, scores, strict=True):
-        labels = server.prompts[i].label_names
-        probs = torch.softmax(s.float(), -1).tolist()
-        if not all(math.isfinite(p) for p in probs):
-            # a NaN/Inf score has no argmax worth reporting, and NaN is not JSON: say "no prediction" with nulls
-            rows.append(
-                {
-                    "index": n,
-                    "checkpoint": names[i],
-                    "label": None,
-                    "label_name": None,
-                    "probs": dict.fromkeys(labels),
-                    "error": "non-finite class scores",
-                }
-            )
-            continue
-        k = int(torch.argmax(s))
-        rows.append(
-            {
-                "index": n,
-                "checkpoint": names[i],
-                "label": k,
-                "label_name": labels[k],
-                "probs": {name: round(p, 6) for name, p in zip(labels, probs, strict=True)},
-            }
-        )
+        rows.append({"index": n, "checkpoint": names[i], **class_row(server.prompts[i].label_names, s)})
     return rows
 
 

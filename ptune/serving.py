@@ -92,6 +92,10 @@ def load_prompts(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> 
     return prompts, backbone
 
 
+def _needs_lm_head(cfg: DictConfig) -> bool:
+    return readout_class(section(cfg, "template").readout).needs_lm_head
+
+
 class PromptServer:
     """Serve several prompts of one backbone; ``scores(requests)`` runs them in mixed batches."""
 
@@ -109,9 +113,45 @@ class PromptServer:
         self.base: PromptModel = self.prompts[0].task.model
         self.left_pad = self.prompts[0].task.left_pad
         self.pad_id = self.base.pad_id
+        self.overrides = list(overrides)
+        # whether the shared backbone was loaded with its LM head (a later prompt that needs one cannot get it)
+        self.lm_head_loaded = any(_needs_lm_head(p.cfg) for p in self.prompts)
         for p in self.prompts:
             p.task.model.to(self.device).eval()
         prepare_frozen_backbone(self.base.backbone, self.amp, tr.cast_frozen_weights, tr.fuse_projections)
+        self._build_tables()
+
+    # ------------------------------------------------------------------ prompts added and removed while serving
+    def add_checkpoint(self, path: str | Path, name: str | None = None) -> ServedPrompt:
+        """Serve one more checkpoint on the backbone already loaded (``ptune serve``'s POST /v1/models): refused with
+        a PtuneError when it was trained on another backbone or needs the backbone loaded otherwise."""
+        saved = read_saved(path, self.overrides)  # the one loader, as load_prompts
+        cfg = saved.cfg
+        shared, own = section(self.prompts[0].cfg, "backbone"), section(cfg, "backbone")
+        for key in ("dtype", "quantize"):
+            if getattr(own, key) != getattr(shared, key):
+                raise PtuneError(
+                    f"checkpoint {str(path)!r} uses backbone.{key}={getattr(own, key)!r}, the served backbone "
+                    f"{getattr(shared, key)!r}: serve it from another server"
+                )
+        if _needs_lm_head(cfg) and not self.lm_head_loaded:
+            raise PtuneError(
+                f"checkpoint {str(path)!r} reads the backbone's LM head, which this server did not load: restart the "
+                "server with it among the first checkpoints"
+            )
+        task = rebuild(saved, backbone=self.backbone)  # refused when trained on another backbone
+        task.model.to(self.device).eval()
+        prompt = ServedPrompt(name or str(path), saved.checkpoint, task, cfg, saved.meta)
+        self.prompts.append(prompt)
+        self._build_tables()
+        return prompt
+
+    def remove(self, prompt: ServedPrompt) -> None:
+        """Stop serving ``prompt`` (indices of the prompts after it shift down by one); the last one stays."""
+        if len(self.prompts) == 1:
+            raise PtuneError(f"{prompt.name!r} is the only prompt served: a server keeps at least one")
+        self.prompts.remove(prompt)
+        self.base = self.prompts[0].task.model
         self._build_tables()
 
     # ------------------------------------------------------------------ per-prompt tensors, padded and stacked

@@ -1,0 +1,243 @@
+"""The dynamic batcher: one worker thread owns the model; concurrent requests become mixed batches.
+
+Requests wait in one FIFO. The worker takes the first, then keeps taking more until the batch holds ``max_batch``
+rows or ``max_wait`` seconds have passed since it took the first (under load the queue is already full and the wait
+is never spent). Classification rows of any mix of prompts run as one ``PromptServer.score_encoded`` call (sorted by
+length, split into batches of ``max_batch``: what ``ptune predict`` runs); completion rows decode together per prompt
+(``decode.decode_rows``). Changes to the set of prompts (POST/DELETE /v1/models) travel in the same FIFO and are
+applied by the worker between two batches: every request accepted before a change is answered as if it had not
+happened, and no batch ever sees a half-changed model.
+
+Admission is bounded: at most ``max_queue`` requests accepted and not yet answered (waiting or in the running batch);
+``submit`` raises ``QueueFull`` beyond that (HTTP 503).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..batching import Encoded
+from ..errors import PtuneError, one_line
+from ..generation import prompt_rows
+from ..predict import class_row
+from ..serving import PromptServer, ServedPrompt
+from ..token_cache import render_split
+from .decode import GenRow, decode_rows
+from .metrics import Metrics
+
+
+class QueueFull(Exception):
+    """More requests accepted and unanswered than --max-queue allows."""
+
+
+class PromptGone(Exception):
+    """The prompt a request named was removed before its batch ran (the request came after the DELETE)."""
+
+
+@dataclass
+class ClassifyJob:
+    prompt: ServedPrompt
+    examples: list[dict[str, str]]
+    future: Future = field(default_factory=Future)
+
+    @property
+    def size(self) -> int:
+        return len(self.examples)
+
+
+@dataclass
+class CompleteJob:
+    prompt: ServedPrompt
+    examples: list[dict[str, str]]
+    rows: list[GenRow]  # ids filled by the worker (rendering happens there)
+    future: Future = field(default_factory=Future)
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+
+@dataclass
+class Control:
+    action: Callable[[PromptServer], Any]
+    future: Future = field(default_factory=Future)
+
+
+_STOP = object()
+
+
+class Batcher:
+    def __init__(self, server: PromptServer, metrics: Metrics, max_batch: int, max_wait: float, max_queue: int):
+        self.server, self.metrics = server, metrics
+        self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait, max_queue
+        self._fifo: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._thread = threading.Thread(target=self._run, name="ptune-serve-worker", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ the HTTP side
+    @property
+    def pending(self) -> int:
+        """Requests accepted and not yet answered."""
+        return self._pending
+
+    @property
+    def waiting(self) -> int:
+        """Requests (and model changes) in the FIFO, not yet taken into a batch."""
+        return self._fifo.qsize()
+
+    def submit(self, job: ClassifyJob | CompleteJob) -> Future:
+        with self._lock:
+            if self._pending >= self.max_queue:
+                raise QueueFull
+            self._pending += 1
+        job.future.add_done_callback(self._done)
+        self._fifo.put(job)
+        return job.future
+
+    def _done(self, _: Future) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def control(self, action: Callable[[PromptServer], Any]) -> Future:
+        """Run ``action(server)`` on the worker between two batches."""
+        c = Control(action)
+        self._fifo.put(c)
+        return c.future
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._fifo.put(_STOP)
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ the worker
+    def _run(self) -> None:
+        carry = None
+        while True:
+            first = carry if carry is not None else self._fifo.get()
+            carry = None
+            if first is _STOP:
+                return
+            if isinstance(first, Control):
+                _settle(first.future, lambda c=first: c.action(self.server))
+                continue
+            batch, rows = [first], first.size
+            deadline = time.monotonic() + self.max_wait
+            while rows < self.max_batch:
+                try:
+                    item = self._fifo.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is _STOP or isinstance(item, Control):
+                    carry = item  # run what came before it first
+                    break
+                batch.append(item)
+                rows += item.size
+            self._execute(batch)
+
+    def _execute(self, batch: list) -> None:
+        try:
+            self._classify([j for j in batch if isinstance(j, ClassifyJob)])
+            by_prompt: dict[int, list[CompleteJob]] = {}
+            for j in batch:
+                if isinstance(j, CompleteJob):
+                    by_prompt.setdefault(id(j.prompt), []).append(j)
+            for jobs in by_prompt.values():
+                self._complete(jobs)
+        except Exception as exc:  # a bug or a backend failure: answer every job, keep the worker alive
+            for j in batch:
+                if not j.future.done():
+                    j.future.set_exception(RuntimeError(f"{type(exc).__name__}: {one_line(exc, 300)}"))
+
+    def _index(self, job) -> int | None:
+        for i, p in enumerate(self.server.prompts):
+            if p is job.prompt:
+                return i
+        job.future.set_exception(PromptGone(job.prompt.name))
+        return None
+
+    def _classify(self, jobs: list[ClassifyJob]) -> None:
+        server, ready, parts = self.server, [], []
+        for j in jobs:
+            i = self._index(j)
+            if i is None:
+                continue
+            try:
+                parts.append(server.encode([(i, ex) for ex in j.examples]))
+            except PtuneError as exc:  # this request's text cannot be rendered: only it fails
+                j.future.set_exception(exc)
+                continue
+            ready.append(j)
+        if not ready:
+            return
+        data = Encoded([r for p in parts for r in p.input_ids], [a for p in parts for a in p.answer_pos],
+                       [x for p in parts for x in p.labels])
+        self.metrics.batch(len(data))
+        scores: list = [None] * len(data)
+        for idx in length_chunks([len(r) for r in data.input_ids], self.max_batch):
+            part = Encoded([data.input_ids[k] for k in idx], [data.answer_pos[k] for k in idx],
+                           [data.labels[k] for k in idx])
+            for k, s in zip(idx, server.score_encoded(part, batch_size=len(idx)), strict=True):
+                scores[k] = s
+        at = 0
+        for j in ready:
+            labels = j.prompt.label_names
+            j.future.set_result([class_row(labels, s) for s in scores[at: at + j.size]])
+            at += j.size
+
+    def _complete(self, jobs: list[CompleteJob]) -> None:
+        ready = []
+        for j in jobs:
+            if self._index(j) is None:
+                continue
+            try:
+                ids, answers = render_split(j.prompt.task.renderer, j.examples)
+            except PtuneError as exc:
+                j.future.set_exception(exc)
+                continue
+            for r, x in zip(j.rows, prompt_rows(ids, answers), strict=True):
+                r.ids = x
+            ready.append(j)
+        if not ready:
+            return
+        rows = [r for j in ready for r in j.rows]
+        self.metrics.batch(len(rows))
+        decode_rows(ready[0].prompt.task.model, rows, self.server.device, self.server.amp)
+        for j in ready:
+            j.future.set_result(j.rows)
+
+
+CHUNK_OVERHEAD = 64  # what one more forward costs, in padded tokens (Python and kernel launches; measured on CPU)
+
+
+def length_chunks(lengths: list[int], max_rows: int) -> list[list[int]]:
+    """Rows split into forwards of similar lengths: arrivals are not sorted like ``ptune predict``'s whole input, and
+    a batch padded to its longest row spends half its work on padding. Sorted by length, cut where the padded tokens
+    saved outweigh the cost of one more forward (dynamic programming over the cut points, at most ``max_rows`` each)."""
+    order = sorted(range(len(lengths)), key=lambda k: lengths[k])
+    sizes = [lengths[k] for k in order]
+    n = len(sizes)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - max_rows), j):
+            cost = best[i] + CHUNK_OVERHEAD + sizes[j - 1] * (j - i)
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    chunks, j = [], n
+    while j > 0:
+        chunks.append(order[cut[j]: j])
+        j = cut[j]
+    return chunks[::-1]
+
+
+def _settle(future: Future, fn: Callable[[], Any]) -> None:
+    try:
+        future.set_result(fn())
+    except Exception as exc:  # PtuneError (refused) or anything else: the caller answers it
+        future.set_exception(exc)
