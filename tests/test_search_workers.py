@@ -94,7 +94,7 @@ def test_a_worker_killed_mid_trial_is_failed_and_retried_and_the_study_completes
     try:
         name, pid = _trial_pid(folder, time.monotonic() + 200)
         os.kill(pid, signal.SIGKILL)
-        out, err = proc.communicate(timeout=400)
+        out, err = proc.communicate(timeout=240)
     finally:
         proc.kill()
     assert proc.returncode == 0, err[-3000:]
