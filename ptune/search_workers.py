@@ -158,6 +158,7 @@ class Heartbeat:
         self.interval = interval
         self.trial_id: int | None = None
         self._stop = threading.Event()
+        _beating.add(self)
         threading.Thread(target=self._run, name="ptune-heartbeat", daemon=True).start()
 
     def beat(self, trial_id: int | None = None) -> None:
@@ -182,6 +183,16 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+        _beating.discard(self)
+
+
+_beating: set[Heartbeat] = set()
+
+
+def stop_heartbeats() -> None:
+    """Stop every heartbeat of this process (a search ended, or was interrupted, inside a longer-lived one)."""
+    for beat in list(_beating):
+        beat.stop()
 
 
 @contextlib.contextmanager

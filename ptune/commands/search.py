@@ -26,6 +26,7 @@ composition, validation and training loop.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import io
@@ -402,11 +403,13 @@ def run_search(folder: Path, name: str, spec: config.SearchConfig, user: list[st
             bad = workers.exit_codes_line(workers.run_pool(folder, threads))
             if bad:
                 print(f"ptune search: workers ended early: {bad}", file=sys.stderr, flush=True)
-            if not workers.workers_alive(folder):  # all workers gone: what they left running is dead
-                _fail_left_running(folder, study, retries=0)
+            with contextlib.suppress(PtuneError):  # no worker left anywhere: what they left running is dead
+                with workers.no_workers(folder, then_work=False):
+                    _fail_left_running(folder, study, retries=0)
         else:
             _work(folder, spec, user, study, dists, worker)
     finally:
+        workers.stop_heartbeats()
         workers.leave(folder)
     if worker:
         print(f"ptune search: worker done; `ptune report {folder}` writes the report", flush=True)
