@@ -84,7 +84,6 @@ def test_a_worker_killed_mid_trial_is_failed_and_retried_and_the_study_completes
     """SIGKILL one of two workers while it trains: the other one finds the trial silent past the grace period,
     fails it (FAILED in its folder), runs it again with the same values (search.retries=1), and finishes the study;
     the search ends with exit 0 and says which worker was killed."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
     from optuna.trial import TrialState
 
     folder = tmp_path / "search"
@@ -103,7 +102,7 @@ def test_a_worker_killed_mid_trial_is_failed_and_retried_and_the_study_completes
     killed = next(t for t in trials if t.user_attrs["run_dir"] == name)
     assert killed.state == TrialState.FAIL
     assert "heartbeats" in (folder / name / "FAILED").read_text()
-    retry = next(t for t in trials if Retry.retried_trial_number(t) == killed.number)
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == killed.number)  # Optuna's retry mark
     assert retry.state == TrialState.COMPLETE and retry.params == killed.params
     assert retry.user_attrs["run_dir"] != name
     # three trials counted: the killed one is replaced by its retry; every trial has its own folder
@@ -156,6 +155,40 @@ def test_a_plain_search_is_refused_while_workers_are_alive(tiny_models, tiny_csv
     code, out, err = run_cli(["search", *_args(tiny_models, tiny_csv, tmp_path, folder, "search.n_trials=1")],
                              capsys)
     assert code == 0, err
+
+
+def test_a_database_url_holds_the_study_outside_the_folder(tiny_models, tiny_csv, tmp_path, monkeypatch, capsys):
+    """search.storage=<SQLAlchemy URL> (an RDB storage, here a SQLite file elsewhere): the study is named after
+    the search folder (a database may hold many searches), search.yaml records it, `ptune report` finds it."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "search"
+    url = runfolder.sqlite_url(tmp_path / "shared.db")
+    code, out, err = run_cli(["search", *_args(tiny_models, tiny_csv, tmp_path, folder, "search.n_trials=1",
+                                                f"search.storage={url}")], capsys)
+    assert code == 0, err
+    assert not (folder / "optuna.db").exists() and (tmp_path / "shared.db").is_file()
+    study = open_study(folder)
+    assert study.study_name == f"ptune:{folder}" and len(study.trials) == 1
+    assert OmegaConf.load(folder / "search.yaml").study == study.study_name
+    code, out, err = run_cli(["report", str(folder)], capsys)
+    assert code == 0 and "Best trial 0" in (folder / "search.md").read_text(), err
+
+
+def test_a_trial_folder_that_appeared_is_never_written_into(tiny_models, tiny_csv, tmp_path, monkeypatch, capsys):
+    """The trial folder is made with an exclusive mkdir: one that exists (another process's, made after the
+    start-up check) fails that trial and stops, leaving the folder as it was."""
+    from ptune.commands import search
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "search"
+    (folder / "trial_000").mkdir(parents=True)
+    (folder / "trial_000" / "mine.txt").write_text("not ptune's")
+    runfolder.mark(folder, "search")
+    monkeypatch.setattr(search, "check_trials_match_study", lambda *a, **k: None)  # the race: it appeared later
+    code, out, err = run_cli(["search", *_args(tiny_models, tiny_csv, tmp_path, folder, "search.n_trials=1")],
+                             capsys)
+    assert_one_line_error(code, out, err, "already exists but the study has no trial 0")
+    assert listing(folder / "trial_000") == {"mine.txt": b"not ptune's"}
 
 
 @pytest.mark.parametrize(("argv", "needle"), [
