@@ -110,6 +110,29 @@ def test_a_worker_killed_mid_trial_is_failed_and_retried_and_the_study_completes
     assert len({t.user_attrs["run_dir"] for t in trials}) == len(trials) == 4
 
 
+def test_sigterm_to_the_search_stops_every_worker_and_fails_their_trials(tiny_models, tiny_csv, tmp_path):
+    """SIGTERM (or Ctrl-C) to a search with workers reaches each worker once: each tells its trial failed and
+    ends, no worker outlives the search, which ends in one `interrupted` line (exit 2)."""
+    from optuna.trial import TrialState
+
+    folder = tmp_path / "search"
+    proc = _search(_args(tiny_models, tiny_csv, tmp_path, folder, "search.n_trials=6", "search.workers=2",
+                         steps=12), tmp_path)
+    try:
+        _, pid = _trial_pid(folder, time.monotonic() + 200)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=200)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2 and err.strip().splitlines()[-1] == "ptune: error: interrupted", err[-2000:]
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the worker that was training is gone
+    assert not workers.workers_alive(folder)
+    trials = open_study(folder).get_trials()
+    assert TrialState.RUNNING not in {t.state for t in trials}
+    assert any(t.state == TrialState.FAIL for t in trials)
+
+
 def test_a_silent_journal_trial_is_failed_and_retried(tmp_path):
     """The journal's heartbeat (Optuna's journal storage has none): a running trial whose last beat is older than
     the grace period is failed by the next worker to ask, FAILED goes into its folder, and its retry is queued."""

@@ -2,6 +2,7 @@
 
     ptune search +hparams_search=sst2_ptv2 [search.n_trials=20] [search.dir=DIR] [trial overrides...]
     ptune search --resume DIR [search.n_trials=30]
+    ptune search --worker DIR [trainer.num_threads=N]       (one more worker of the study in DIR)
 
 The search space is config (``conf/hparams_search/<name>.yaml``, schema ``SearchConfig`` in ptune/config.py):
 the experiment every trial starts from, overrides every trial gets (``dataset.validation=...``: trials select on
@@ -17,6 +18,8 @@ The study lives in ``<search folder>/optuna.db`` (SQLite, study name ``ptune``):
 (``search.dir=DIR``, or ``--resume DIR``) continues it, trials left RUNNING by a killed search are marked failed;
 ``optuna-dashboard sqlite:///DIR/optuna.db`` or ``optuna.load_study(study_name="ptune", storage=...)`` read it.
 At the end (and with ``ptune report DIR``) the search writes ``search.csv``, ``search.md`` and ``search.png``.
+``search.workers=N`` runs N trials at once in worker processes, ``search.storage`` puts the study in Optuna's
+journal file or a database that workers on other machines join (ptune/search_workers.py).
 
 Why not hydra-optuna-sweeper: its latest release pins ``optuna<3`` (2021), so it cannot use current Optuna; it
 runs trials through Hydra's launcher, where a failing job ends the sweep rather than being told as failed; and
