@@ -79,7 +79,8 @@ def make_storage(folder: Path, storage: str | None, db: Path, spec: Any = None):
     if spec is not None:
         kwargs.update(heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period,
                       heartbeat_stale_trial_callback=StaleTrial(folder, spec.retries))
-    return optuna.storages.RDBStorage(url, **kwargs)
+    with _quiet_optuna():  # heartbeat_interval is "experimental" since Optuna 2.9
+        return optuna.storages.RDBStorage(url, **kwargs)
 
 
 def describe(folder: Path, storage: str | None, db: Path) -> str:
