@@ -268,16 +268,15 @@ class Search:
 def search(overrides: Overrides = None, *, resume: str | Path | None = None) -> Search:
     """``ptune search OVERRIDES`` (``+hparams_search=NAME``, ``search.*`` keys and the trials' overrides), or ``ptune
     search --resume DIR`` with ``resume=DIR``; returns the search folder and its best trial."""
-    import optuna
 
-    from .commands.search import STUDY, search_main, storage_url
+    from .commands.search import open_study, search_main
 
     argv = as_overrides(overrides)
     if resume is not None:
         argv = ["--resume", str(resume), *argv]
     with _folders_released():
         folder = search_main(argv)
-    study = optuna.load_study(study_name=STUDY, storage=storage_url(folder))
+    study = open_study(folder)
     try:
         best = study.best_trial
     except ValueError as exc:  # no complete trial: search_main has said so already

@@ -247,6 +247,16 @@ class SearchConfig:
     timeout: float | None = None  # seconds of this `ptune search` after which no trial starts (a first always runs)
     max_examples: int | None = None  # training examples summed over the study's trials: no trial starts once spent
     confirm_seeds: int = 0  # retrain the best trial on all of train (no hold-out) with seeds 0..N-1; report dev
+    # trial processes run at once on this machine (`ptune search --worker DIR` each); trainer.num_threads (or every
+    # allowed core) is split between them, so the search uses as many threads in all as one process would
+    workers: int = 1
+    # where the study lives: null (<dir>/optuna.db, SQLite), journal (<dir>/optuna.journal, Optuna's journal file:
+    # for a shared file system), journal:///PATH, or any SQLAlchemy URL Optuna takes (postgresql://..., mysql://...)
+    storage: str | None = None
+    heartbeat_interval: int = 30  # seconds between a running trial's heartbeats in the study
+    # seconds without a heartbeat after which another worker fails the trial (its worker died: SIGKILL, lost node)
+    grace_period: int = 120
+    retries: int = 0  # times a trial whose worker died is run again with the same values (a new trial number)
 
     def __post_init__(self) -> None:
         _integer("search", "n_trials", self.n_trials, 1)
@@ -265,6 +275,17 @@ class SearchConfig:
         _integer("search", "seed", self.seed, 0, 2**32 - 1)
         _choice("search", "direction", self.direction, ("maximize", "minimize"))
         _choice("search", "resume", self.resume, (True, False))
+        _integer("search", "workers", self.workers, 1, 1024)
+        _integer("search", "heartbeat_interval", self.heartbeat_interval, 1)
+        _integer("search", "grace_period", self.grace_period, 1)
+        _integer("search", "retries", self.retries, 0)
+        if self.grace_period <= self.heartbeat_interval:
+            raise PtuneError(f"search.grace_period={self.grace_period} must exceed search.heartbeat_interval="
+                             f"{self.heartbeat_interval}: a live worker's trial would be failed between two beats")
+        if self.storage is not None and not (
+                isinstance(self.storage, str) and (self.storage == "journal" or "://" in self.storage)):
+            raise PtuneError(f"search.storage={self.storage!r} is not valid: use null (SQLite in the search folder), "
+                             "journal, journal:///PATH or a database URL such as postgresql://user@host/db")
         if not isinstance(self.params, dict):
             raise PtuneError(
                 f"search.params must map override keys to distributions, e.g. {{trainer.lr: {{type: float, low: "

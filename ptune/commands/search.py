@@ -2,6 +2,7 @@
 
     ptune search +hparams_search=sst2_ptv2 [search.n_trials=20] [search.dir=DIR] [trial overrides...]
     ptune search --resume DIR [search.n_trials=30]
+    ptune search --worker DIR [trainer.num_threads=N]       (one more worker of the study in DIR)
 
 The search space is config (``conf/hparams_search/<name>.yaml``, schema ``SearchConfig`` in ptune/config.py):
 the experiment every trial starts from, overrides every trial gets (``dataset.validation=...``: trials select on
@@ -20,6 +21,8 @@ The study lives in ``<search folder>/optuna.db`` (SQLite, study name ``ptune``):
 (``search.dir=DIR``, or ``--resume DIR``) continues it, trials left RUNNING by a killed search are marked failed;
 ``optuna-dashboard sqlite:///DIR/optuna.db`` or ``optuna.load_study(study_name="ptune", storage=...)`` read it.
 At the end (and with ``ptune report DIR``) the search writes ``search.csv``, ``search.md`` and ``search.png``.
+``search.workers=N`` runs N trials at once in worker processes, ``search.storage`` puts the study in Optuna's
+journal file or a database that workers on other machines join (ptune/search_workers.py).
 
 Why not hydra-optuna-sweeper: its latest release pins ``optuna<3`` (2021), so it cannot use current Optuna; it
 runs trials through Hydra's launcher, where a failing job ends the sweep rather than being told as failed; and
@@ -29,12 +32,14 @@ composition, validation and training loop.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import io
 import math
 import os
 import re
+import socket
 import sys
 import time
 import traceback
@@ -44,6 +49,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from .. import config, runfolder
+from .. import search_workers as workers
 from ..atomic import atomic_write_text
 from ..config import override_value
 from ..errors import PtuneError, one_line
@@ -58,28 +64,59 @@ SAVED = "search.yaml"
 
 TRIAL = re.compile(r"trial_(\d+)")
 # what a resumed search may change: how long it goes on and what it does after; never the space or the pruner
-RESUME_MAY_CHANGE = ("search.n_trials", "search.timeout", "search.max_examples", "search.confirm_seeds")
+RESUME_MAY_CHANGE = ("search.n_trials", "search.workers", "search.timeout", "search.max_examples",
+                     "search.confirm_seeds")
 
 
 def storage_url(folder: Path) -> str:
     return runfolder.sqlite_url(Path(folder) / DB)
 
 
-def open_study(folder: Path, **create: Any):
-    """The study of ``folder``: loaded, or created (``load_if_exists``) when ``create`` gives the direction and
-    sampler. A damaged ``optuna.db`` is one line naming it, not a SQLAlchemy traceback."""
+def open_study(folder: Path, spec: config.SearchConfig | None = None, worker: bool = False, **create: Any):
+    """The study of ``folder`` in its storage (``spec.storage``, else the one its ``search.yaml`` names, else
+    ``optuna.db``): loaded, or created (``load_if_exists``) when ``create`` gives the direction. ``worker``: the
+    storage records heartbeats and fails dead workers' trials (ptune/search_workers.py). A damaged store is one
+    line naming it, not a SQLAlchemy traceback."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    folder = Path(folder)
+    setting = spec.storage if spec is not None else saved_storage(folder)
     try:
+        storage = workers.make_storage(folder, setting, folder / DB, spec if worker else None)
         if create:
-            return optuna.create_study(storage=storage_url(folder), study_name=STUDY, load_if_exists=True, **create)
-        return optuna.load_study(study_name=STUDY, storage=storage_url(folder))
+            return optuna.create_study(storage=storage, study_name=study_name(folder, setting), load_if_exists=True,
+                                       **create)
+        return optuna.load_study(study_name=study_name(folder, setting), storage=storage)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy and Optuna raise many types for a damaged store
-        raise unreadable(Path(folder) / DB, exc) from None
+        raise unreadable(workers.describe(folder, setting, folder / DB), exc) from None
 
 
-def unreadable(db: Path, exc: Exception) -> PtuneError:
+def _saved(folder: Path, *keys: str) -> str | None:
+    from ..checkpoint import load_plain_yaml
+
+    try:
+        value = load_plain_yaml(Path(folder) / SAVED)
+        for key in keys:
+            value = value[key]
+    except Exception:  # noqa: BLE001 - no file, an older ptune's, not ptune's: the defaults
+        return None
+    return value if isinstance(value, str) else None
+
+
+def saved_storage(folder: Path) -> str | None:
+    """``search.storage`` as the folder's ``search.yaml`` saved it (None: ``optuna.db``, or no readable file)."""
+    return _saved(folder, "search", "storage")
+
+
+def study_name(folder: Path, storage: str | None) -> str:
+    """The study's name: as ``search.yaml`` saved it; for a new search ``ptune`` in the folder's own storage, and
+    ``ptune:<folder>`` in a journal or database that other searches may share."""
+    own = storage is None or storage == "journal"
+    return _saved(folder, "study") or (STUDY if own else f"{STUDY}:{os.path.abspath(folder)}")
+
+
+def unreadable(db: Path | str, exc: Exception) -> PtuneError:
     return PtuneError(
         f"{str(db)!r} is not a readable Optuna study ({one_line(exc, 160)}): ptune changed nothing; restore it "
         "from a copy, or start a new search in a new search.dir"
@@ -99,23 +136,45 @@ def _older_search(folder: Path) -> bool:
     return all(k in saved for k in ("name", "search", "overrides"))
 
 
-def check_trials_match_study(folder: Path) -> None:
+def check_trials_match_study(folder: Path, storage: str | None = None) -> None:
     """Refuse, changing nothing, a folder whose trial folders the study does not know: its ``optuna.db`` was lost,
     emptied or replaced, and a new study would number its trials from 0 again over the finished ones."""
     db = folder / DB
     if not folder.is_dir():
         return
-    known = known_trials(db) if db.is_file() else None
+    if storage is not None:  # a journal or a database: counted through Optuna
+        db = workers.describe(folder, storage, db)
+        known = _count_trials(folder, storage)
+    else:
+        known = known_trials(db) if db.is_file() else None
     stray = sorted((e.name for e in folder.iterdir() if (m := TRIAL.fullmatch(e.name)) and int(m[1]) >= (known or 0)),
                    key=lambda n: int(n.split("_")[1]))
     if stray:
         has = (f"knows only {known} trial(s)" if known else "holds no trial" if known == 0
-               else "holds no study" if db.exists() else "is missing")
+               else "holds no study" if storage is not None or Path(db).exists() else "is missing")
         raise PtuneError(
             f"search folder {str(folder)!r} holds {runfolder.list_names(stray)} but its study {str(db)!r} {has}: "
             "a search would number new trials over them. Nothing changed; the trials are in "
             f"{str(folder / stray[0])!r}: restore optuna.db, or name a new search.dir"
         )
+
+
+def _count_trials(folder: Path, storage: str) -> int | None:
+    """How many trials the study ``ptune`` holds in a journal or database (None: no such study, or no journal)."""
+    import optuna
+
+    journal = workers.journal_path(folder, storage)
+    if journal is not None and not journal.is_file():
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        store = workers.make_storage(folder, storage, folder / DB)
+        study_id = store.get_study_id_from_name(study_name(folder, storage))
+    except KeyError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - drivers raise many types for a damaged or unreachable store
+        raise unreadable(workers.describe(folder, storage, folder / DB), exc) from None
+    return len(store.get_all_trials(study_id, deepcopy=False))
 
 
 def known_trials(db: Path) -> int | None:
@@ -322,6 +381,8 @@ def search_main(argv: list[str]) -> Path:
     """`ptune search` (and ``ptune.search``); returns the search folder."""
 
     resume_dir = None
+    if argv[:1] == ["--worker"]:
+        return _worker_main(argv[1:])
     if argv[:1] == ["--resume"]:
         if len(argv) < 2:
             raise PtuneError("usage: ptune search --resume DIR [search.n_trials=N]")
@@ -341,6 +402,29 @@ def search_main(argv: list[str]) -> Path:
         stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         folder = Path(spec.dir) if spec.dir else Path("outputs") / "search" / name / stamp
     run_search(folder, name, spec, user)
+    return folder
+
+
+THREADS = "trainer.num_threads"
+
+
+def _worker_main(argv: list[str]) -> Path:
+    """``ptune search --worker DIR [trainer.num_threads=N]``: join the study in DIR with its saved settings."""
+    if not argv:
+        raise PtuneError("usage: ptune search --worker DIR [trainer.num_threads=N]")
+    folder, extra = Path(argv[0]), argv[1:]
+    other = [a for a in extra if a.partition("=")[0] != THREADS]
+    if other:
+        raise PtuneError(f"a worker takes its settings from {str(folder / SAVED)!r}: {other[0]!r} cannot change "
+                         f"them; only {THREADS}=N (this worker's threads) may follow --worker DIR")
+    if not (folder / SAVED).is_file():
+        raise PtuneError(f"nothing to join: {str(folder)!r} holds no search ({SAVED}); start one with `ptune search "
+                         f"+hparams_search=NAME search.dir={folder}`")
+    runfolder.claim(folder, "search.dir", ours=_older_search)  # ptune's search folder, writable
+    name, spec, user = _resume(folder, [], [])
+    if extra:  # this worker's threads replace the search's own setting
+        user = [a for a in user if a.partition("=")[0] != THREADS] + extra[-1:]
+    run_search(folder, name, spec, user, worker=True)
     return folder
 
 
@@ -394,51 +478,136 @@ def train_run(overrides: list[str], run_dir: Path, on_eval=None) -> dict:
         runfolder.release(run_dir)
 
 
-def run_search(folder: Path, name: str, spec: config.SearchConfig, user: list[str]) -> None:
-    import optuna
-    from optuna.trial import TrialState
 
-    started = time.perf_counter()  # search.timeout counts from here
-    compose_trial(trial_overrides(spec, user, _first_values(spec)))  # every key and value checked first
+def run_search(folder: Path, name: str, spec: config.SearchConfig, user: list[str], worker: bool = False) -> None:
+    """Run the search in ``folder``: as its one plain search (new or continued; with ``search.workers=N`` it starts
+    N worker processes and waits for them), or as one more ``worker`` of a running study (ptune/search_workers.py).
+    The plain search writes the report at the end; a worker only runs trials."""
+    started = time.perf_counter()  # search.timeout counts from here (in each worker: from its own start)
+    first = compose_trial(trial_overrides(spec, user, _first_values(spec)))  # every key and value checked first
     dists = distributions(spec.params)
     pruner = make_pruner(spec)  # a bad search.pruner_args value is refused before anything is written
+    pool = not worker and spec.workers > 1
+    try:
+        if worker:
+            workers.become_worker(folder)
+            workers.sigterm_interrupts()
+            study = open_study(folder, spec, worker=True)
+        else:
+            study = _start(folder, name, spec, user, in_process=not pool)
+        study.pruner = pruner  # not stored with the study: every process sets it from the saved settings
+        if pool:
+            from ..runtime import cpu_cores
+
+            total = first.trainer.num_threads or cpu_cores()
+            threads = workers.split_threads(total, spec.workers)
+            print(f"ptune search: {spec.workers} workers on {total} thread(s) ({THREADS}, else every allowed "
+                  f"core): {', '.join(map(str, threads))}", flush=True)
+            bad = workers.exit_codes_line(workers.run_pool(folder, threads))
+            if bad:
+                print(f"ptune search: workers ended early: {bad}", file=sys.stderr, flush=True)
+            with contextlib.suppress(PtuneError):  # no worker left anywhere: what they left running is dead
+                with workers.no_workers(folder, then_work=False):
+                    _fail_left_running(folder, study, retries=0)
+        else:
+            _work(folder, spec, user, study, dists, worker, started)
+    finally:
+        workers.stop_heartbeats()
+        workers.leave(folder)
+    if worker:
+        print(f"ptune search: worker done; `ptune report {folder}` writes the report", flush=True)
+        return
+    if spec.confirm_seeds:
+        search_confirm.confirm_best(folder, best_trial(study), spec.confirm_seeds, train_run)
+    best = write_search_report(folder)
+    runfolder.release(folder)
+    if best is None:
+        from optuna.trial import TrialState
+
+        states = {t.state for t in study.get_trials(deepcopy=False)}
+        if not states:
+            raise PtuneError(f"the search in {folder} ran no trial: its budget was spent before the first")
+        what = "failed" if states == {TrialState.FAIL} else "failed or was pruned"
+        raise PtuneError(f"every trial of the search in {folder} {what} (see {folder}/search.md)")
+
+
+def _start(folder: Path, name: str, spec: config.SearchConfig, user: list[str], in_process: bool):
+    """The plain search's start: the folder checked and locked, the study opened or created, the settings saved;
+    with no worker alive, the trials a killed search left running are failed (or retried)."""
+    import optuna
+
     found = runfolder.claim(folder, "search.dir", ours=_older_search)  # new, empty or ptune's; writable
     holder = runfolder.holder_of(folder)
     if holder:
         raise PtuneError(f"search folder {str(folder)!r} is in use by another ptune search ({holder})")
-    check_trials_match_study(folder)
+    if workers.workers_alive(folder):
+        raise workers.unusable_folder(folder)
+    check_trials_match_study(folder, spec.storage)
     try:  # nothing is written before the checks above; a failure from here until the first trial undoes it all
-        runfolder.acquire(folder)  # one search per folder
-        runfolder.mark(folder, "search")
-        study = open_study(folder, direction=spec.direction)
-        seed = sampler_seed(spec.seed, len(study.get_trials(deepcopy=False)))
-        study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.n_startup_trials)
-        study.pruner = pruner
-        saved = {"name": name, "search": {**dataclasses.asdict(spec), "dir": str(folder)},
-                 "overrides": user}
-        atomic_write_text(folder / SAVED, OmegaConf.to_yaml(OmegaConf.create(saved)))
+        runfolder.acquire(folder)  # one plain search per folder
+        with workers.no_workers(folder, then_work=in_process):
+            runfolder.mark(folder, "search")
+            study = open_study(folder, spec, worker=True, direction=spec.direction)
+            seed = sampler_seed(spec.seed, len(study.get_trials(deepcopy=False)))
+            study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.n_startup_trials,
+                                                       constant_liar=spec.workers > 1)
+            saved = {"name": name, "search": {**dataclasses.asdict(spec), "dir": str(folder)},
+                     "overrides": user, "study": study.study_name}
+            atomic_write_text(folder / SAVED, OmegaConf.to_yaml(OmegaConf.create(saved)))
+            _fail_left_running(folder, study, spec.retries)
     except BaseException:
-        found.undo(extra_names=(DB, f"{DB}-journal", SAVED, runfolder.MARKER))
+        found.undo(extra_names=(DB, f"{DB}-journal", SAVED, runfolder.MARKER, *workers.NAMES))
         raise
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # left by a killed search
+    return study
+
+
+def _fail_left_running(folder: Path, study, retries: int) -> None:
+    """Trials the study holds as running while no worker is alive: their processes were killed."""
+    from optuna.trial import TrialState
+
+    stale = workers.StaleTrial(folder, retries)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(t.number, state=TrialState.FAIL)
-    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    done = lambda: len(study.get_trials(deepcopy=False, states=finished))  # noqa: E731
+        stale(study, study.get_trials(deepcopy=False)[t.number])
+
+
+def _work(folder: Path, spec: config.SearchConfig, user: list[str], study, dists: dict, worker: bool,
+          started: float) -> None:
+    """Run trials until the study's n_trials are done or a budget (search.timeout, search.max_examples: checked
+    between trials only) is spent (this process is one worker of the study)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    beat = workers.Heartbeat(study, spec.heartbeat_interval)
+    done = lambda: workers.budget(study.get_trials(deepcopy=False))[0]  # noqa: E731
     if done():
         print(f"ptune search: continuing {folder} ({done()} of {spec.n_trials} trials finished)", flush=True)
+
+    def sampler(trials: int):  # a worker among others: each ask seeded from the trial count, see sampler_seed
+        return optuna.samplers.TPESampler(seed=sampler_seed(spec.seed, trials), constant_liar=True,
+                                          n_startup_trials=spec.n_startup_trials)
+
+    reseed = sampler if worker else None  # the plain search keeps its one sampler (see sampler_seed)
     ran = 0
-    while done() < spec.n_trials:
-        spent = budget_spent(spec, study.get_trials(deepcopy=False, states=finished), started, ran)
+    while True:
+        finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+        spent = budget_spent(spec, finished, started, ran)
         if spent:  # checked between trials only: a trial that started runs to its end
             print(f"ptune search: {spent}: no new trial started ({done()} of {spec.n_trials} finished)", flush=True)
             break
-        trial, ran = study.ask(dists), ran + 1
+        trial = workers.next_trial(study, dists, spec, folder, beat, reseed)
+        if trial is None:
+            break
+        ran += 1
         run_dir = folder / f"trial_{trial.number:03d}"
-        if os.path.lexists(run_dir):  # another process put it there since the check: never write into it
+        try:
+            run_dir.mkdir()  # exclusive: a folder that exists (another process's) is never written into
+        except FileExistsError:
             study.tell(trial, state=TrialState.FAIL)
             raise PtuneError(f"{str(run_dir)!r} already exists but the study has no trial {trial.number}: "
-                             "ptune wrote nothing into it; name a new search.dir")
+                             "ptune wrote nothing into it; name a new search.dir") from None
         trial.set_user_attr("run_dir", run_dir.name)
+        trial.set_user_attr("worker", f"pid {os.getpid()} on {socket.gethostname()}")
         overrides = trial_overrides(spec, user, trial.params)
         print(f"ptune search: trial {trial.number} ({done() + 1}/{spec.n_trials}): "
               + " ".join(f"{k}={v}" for k, v in trial.params.items()), flush=True)
@@ -471,21 +640,13 @@ def run_search(folder: Path, name: str, spec: config.SearchConfig, user: list[st
             study.tell(trial, state=TrialState.PRUNED)
             continue
         study.tell(trial, value)
-    if spec.confirm_seeds:
-        search_confirm.confirm_best(folder, best_trial(study), spec.confirm_seeds, train_run)
-    best = write_search_report(folder)
-    runfolder.release(folder)
-    if best is None:
-        states = {t.state for t in study.get_trials(deepcopy=False)}
-        if not states:
-            raise PtuneError(f"the search in {folder} ran no trial: its budget was spent before the first")
-        what = "failed" if states == {TrialState.FAIL} else "failed or was pruned"
-        raise PtuneError(f"every trial of the search in {folder} {what} (see {folder}/search.md)")
+    beat.stop()
 
 
 # ---------------------------------------------------------------------------------------------------- report
 def is_search(folder: Path) -> bool:
-    return (Path(folder) / DB).is_file()
+    folder = Path(folder)
+    return (folder / DB).is_file() or ((folder / SAVED).is_file() and (folder / runfolder.MARKER).is_file())
 
 
 def best_trial(study):
@@ -529,8 +690,9 @@ def write_search_report(folder: Path):
     pruned = sum(t.state == TrialState.PRUNED for t in trials)
     total = compute_totals(trials)
     lines = [f"# Search {folder}", "",
-             f"{len(complete)} complete, {pruned} pruned, {failed} failed of {len(trials)} trial(s); study `{STUDY}` "
-             f"in `{DB}`.", "", f"Compute, all trials: {total_line(total)}.", ""]
+             f"{len(complete)} complete, {pruned} pruned, {failed} failed of {len(trials)} trial(s); study "
+             f"`{study.study_name}` in `{workers.describe(folder, saved_storage(folder), Path(DB))}`.", "",
+             f"Compute, all trials: {total_line(total)}.", ""]
     if best is not None:
         lines += [f"**Best trial {best.number}**: held-out {metric} {best.value:.4f} (step "
                   f"{best.user_attrs.get('best_step')}, `{best.user_attrs.get('run_dir')}`): "
