@@ -66,7 +66,7 @@ def test_two_workers_share_a_journal_study_without_collision(tiny_models, tiny_c
         assert "trainer.num_threads=1" in OmegaConf.load(run / ".hydra" / "overrides.yaml")
         assert OmegaConf.load(run / ".hydra" / "config.yaml").trainer.num_threads == 1
     assert "[w0] ptune search: trial" in out and "[w1] ptune search: trial" in out
-    assert "4 complete, 0 failed of 4 trial(s)" in (folder / "search.md").read_text()
+    assert "4 complete, 0 pruned, 0 failed of 4 trial(s)" in (folder / "search.md").read_text()
 
 
 def _trial_pid(folder: Path, deadline: float) -> tuple[str, int]:
