@@ -1,6 +1,6 @@
-"""`ptune search` with parallel workers on one study (ptune/search_workers.py): real worker processes of the tiny
-BERT on this machine, on SQLite and on Optuna's journal file; one worker SIGKILLed in the middle of its trial; a
-plain search refused while workers are alive; a dead worker's trial found by its missing heartbeat."""
+"""`ptune search` with parallel workers on one study (ptune/commands/search_workers.py): real worker processes of
+the tiny BERT on this machine, on SQLite and on Optuna's journal file; one worker SIGKILLed in the middle of its
+trial; a plain search refused while workers are alive; a dead worker's trial found by its missing heartbeat."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from ptune import runfolder
-from ptune import search_workers as workers
+from ptune.commands import search_workers as workers
 from ptune.commands.search import open_study
 from ptune.config import SearchConfig
 from ptune.errors import PtuneError

@@ -22,7 +22,7 @@ The study lives in ``<search folder>/optuna.db`` (SQLite, study name ``ptune``):
 ``optuna-dashboard sqlite:///DIR/optuna.db`` or ``optuna.load_study(study_name="ptune", storage=...)`` read it.
 At the end (and with ``ptune report DIR``) the search writes ``search.csv``, ``search.md`` and ``search.png``.
 ``search.workers=N`` runs N trials at once in worker processes, ``search.storage`` puts the study in Optuna's
-journal file or a database that workers on other machines join (ptune/search_workers.py).
+journal file or a database that workers on other machines join (ptune/commands/search_workers.py).
 
 Why not hydra-optuna-sweeper: its latest release pins ``optuna<3`` (2021), so it cannot use current Optuna; it
 runs trials through Hydra's launcher, where a failing job ends the sweep rather than being told as failed; and
@@ -49,12 +49,12 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from .. import config, runfolder
-from .. import search_workers as workers
 from ..atomic import atomic_write_text
 from ..config import override_value
 from ..errors import PtuneError, one_line
 from ..progress import print_table
 from . import search_confirm
+from . import search_workers as workers
 from .search_pruning import COMPUTE, PRUNED, EvalReporter, budget_spent, compute_totals, make_pruner
 
 STUDY = "ptune"
@@ -75,7 +75,7 @@ def storage_url(folder: Path) -> str:
 def open_study(folder: Path, spec: config.SearchConfig | None = None, worker: bool = False, **create: Any):
     """The study of ``folder`` in its storage (``spec.storage``, else the one its ``search.yaml`` names, else
     ``optuna.db``): loaded, or created (``load_if_exists``) when ``create`` gives the direction. ``worker``: the
-    storage records heartbeats and fails dead workers' trials (ptune/search_workers.py). A damaged store is one
+    storage records heartbeats and fails dead workers' trials (ptune/commands/search_workers.py). A damaged store is one
     line naming it, not a SQLAlchemy traceback."""
     import optuna
 
@@ -481,7 +481,7 @@ def train_run(overrides: list[str], run_dir: Path, on_eval=None) -> dict:
 
 def run_search(folder: Path, name: str, spec: config.SearchConfig, user: list[str], worker: bool = False) -> None:
     """Run the search in ``folder``: as its one plain search (new or continued; with ``search.workers=N`` it starts
-    N worker processes and waits for them), or as one more ``worker`` of a running study (ptune/search_workers.py).
+    N worker processes and waits for them), or as one more ``worker`` of a running study (search_workers.py).
     The plain search writes the report at the end; a worker only runs trials."""
     started = time.perf_counter()  # search.timeout counts from here (in each worker: from its own start)
     first = compose_trial(trial_overrides(spec, user, _first_values(spec)))  # every key and value checked first

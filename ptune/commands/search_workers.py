@@ -40,9 +40,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import runfolder
-from .atomic import atomic_write_text
-from .errors import PtuneError
+from .. import runfolder
+from ..atomic import atomic_write_text
+from ..errors import PtuneError
 
 JOURNAL = "optuna.journal"
 ASK_LOCK = ".ptune-ask.lock"
