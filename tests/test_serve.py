@@ -313,14 +313,16 @@ GEN_PROMPTS = (("deep", "ptuning_v2", 3, None), ("soft", "soft_prompt", 3, None)
                ("prefix", "prefix", 6, "Text: {text_a} Mood: {mask}"), ("v1", "ptuning_v1", 2, None))
 
 
-def gen_prompts(tiny_models, root: Path, names=("deep", "soft", "prefix")) -> dict[str, Path]:
+def gen_prompts(tiny_models, root: Path, names=("deep", "soft", "prefix"), kind: str = "llama") -> dict[str, Path]:
     runs = {}
+    family = "seq2seq" if kind == "t5" else "causal"
     for seed, (name, method, length, text) in enumerate(GEN_PROMPTS):
         if name not in names:
             continue
-        cfg = make_cfg(tiny_models["llama"], method, family="causal", prompt_length=length,
+        cfg = make_cfg(tiny_models[kind], method, family=family, prompt_length=length,
                        extra=["backbone.dtype=float32"])
-        cfg.template = OmegaConf.create({**GENERATE, "text": text or GENERATE["text"]})
+        text = text or GENERATE["text"]
+        cfg.template = OmegaConf.create({**GENERATE, "text": text + "." if family == "seq2seq" else text})
         runs[name] = save_prompt(root, name, cfg, seed)
     return runs
 
@@ -373,10 +375,12 @@ def test_greedy_completions_equal_predict_generate(gen_server):
     assert body["usage"]["completion_tokens"] <= 3 * 6
 
 
-def test_mixed_completion_decode_equals_per_prompt_decode(tiny_models, tmp_path):
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_mixed_completion_decode_equals_per_prompt_decode(tiny_models, tmp_path, kind):
     """fp32, at the decode: rows of four prompts (soft slots 3 and 2, prefixes 3 and 6, prompts of different
-    lengths) decoded in one batch write, token for token, what each prompt's rows write decoded alone."""
-    runs = gen_prompts(tiny_models, tmp_path, names=[n for n, *_ in GEN_PROMPTS])
+    lengths) decoded in one batch write, token for token, what each prompt's rows write decoded alone; on a decoder
+    (left padding) and an encoder-decoder."""
+    runs = gen_prompts(tiny_models, tmp_path, names=[n for n, *_ in GEN_PROMPTS], kind=kind)
     server = PromptServer([str(p) for p in runs.values()])
     examples = [{"text_a": s} for s in SENTENCES]
 
