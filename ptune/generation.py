@@ -6,6 +6,10 @@ it: their key/value prefixes are computed once per ``generate`` call (``tuner.de
 MLP-reparameterised prompt included), held as [1, heads, P, head_dim] in the deep-attention state for the whole
 decode, and prepended by ``ptune_sdpa`` at every step (an ``expand``, no copy per row or per beam). Soft tokens
 are ordinary input positions: they are computed once at the prefill and then live in the cache like any token.
+A batch whose rows use different prompts on one backbone (``ptune serve``'s completions, ``server.decode``) gives
+``_Decoder`` per-row soft vectors and holds per-row prefixes [B, heads, P_max, head_dim] with a mask of each row's
+padding slots, the same way for the whole decode; positions and masks come from the real tokens only (left
+padding), so a row decodes as it would beside rows of its own prompt.
 """
 
 from __future__ import annotations
@@ -55,9 +59,14 @@ def _prefixes(pm, bare: bool):
 # ------------------------------------------------------------------------------------------------ decoding
 class _Decoder:
     """One family's incremental forward: ``start`` returns the first next-token logits, ``step`` feeds the
-    chosen tokens, ``select`` reorders rows (beam search)."""
+    chosen tokens, ``select`` reorders rows (beam search).
 
-    def __init__(self, pm, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool, bare: bool):
+    ``vectors``: per-row soft vectors [B, N, H] for a batch whose rows use different prompts on ``pm``'s backbone
+    (``PromptModel.embed``; the matching per-row prefixes are the caller's ``deep_attention.prefixes``); by default
+    ``pm``'s own prompt fills every row."""
+
+    def __init__(self, pm, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool, bare: bool,
+                 vectors: torch.Tensor | None = None):
         self.pm, self.use_cache = pm, use_cache
         if bare:  # the backbone alone: soft slots removed, deep prefixes off
             keep = ids != SOFT_ID
@@ -65,7 +74,7 @@ class _Decoder:
             ids, mask = collate_prompts(rows, pm.pad_id, pm.family.left_pad)
             ids, mask = ids.to(keep.device), mask.to(keep.device)
         self.seq2seq = pm.family.writes_in_decoder
-        self.embeds = pm.embed(ids)
+        self.embeds = pm.embed(ids, vectors)
         self.mask = mask
         self.cache = None
         self.generated: torch.Tensor = ids.new_zeros(ids.shape[0], 0)

@@ -9,6 +9,9 @@ The backbone is loaded once. Every request names the prompt it wants; a batch ma
   padding slots masked out (``deep_attention.prefixes(..., mask)``);
 * readouts per row group: each checkpoint's verbalizer (or [CLS] head) reads its own rows.
 
+``padded_tables`` stacks the prompts' soft vectors and prefixes; ``ptune serve``'s completions stack them the same
+way to decode rows of several generate prompts in one batch (ptune/server/decode.py).
+
 A batch of one prompt runs exactly the computation of that prompt's own ``PromptModel``; a mixed batch gives the
 same class scores up to float rounding (tests/test_serving.py checks 1e-5). Prompts read with
 ``template.multi_token=full`` (teacher-forced label words) are run per prompt inside a mixed batch.
@@ -16,6 +19,7 @@ same class scores up to float rounding (tests/test_serving.py checks 1e-5). Prom
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +62,11 @@ class ServedPrompt:
         """False for readouts that need their own forward (``Readout.mixable``: multi_token=full, a seq2seq head)."""
         return self.task.model.readout.mixable(self.task.model.family)
 
+    @property
+    def decodes_mixed(self) -> bool:
+        """Whether its completions may decode in one batch with other prompts' (``Readout.decodes_mixed``)."""
+        return self.task.model.readout.decodes_mixed(self.task.model.family)
+
 
 def load_prompts(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> tuple[list[ServedPrompt], Backbone]:
     """Rebuild every checkpoint's prompt on one shared backbone; refuse checkpoints of another backbone. Each goes
@@ -94,6 +103,47 @@ def load_prompts(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> 
 
 def _needs_lm_head(cfg: DictConfig) -> bool:
     return readout_class(section(cfg, "template").readout).needs_lm_head
+
+
+def padded_tables(
+    vectors: Sequence[torch.Tensor | None],
+    deep: Sequence[list[tuple[torch.Tensor, torch.Tensor]] | None],
+    hidden: int,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]] | None, torch.Tensor | None, list[int]]:
+    """Several prompts' tensors stacked for one mixed batch (index them with each row's prompt).
+
+    ``vectors``: each prompt's soft vectors [N_i, H] or None; ``deep``: each prompt's per-site key/value prefixes
+    [1, heads, P_i, head_dim] or None. Returns the soft table [n, N_max, H] (zero padded: ``PromptModel.embed``
+    fills a row's soft slots from the front), the per-site prefixes [n, heads, P_max, head_dim] (None when no
+    prompt is deep), ``keep`` [n, P_max] (False on each prompt's padding slots, for ``deep_attention.prefixes``;
+    None when no prompt is deep) and the prefix lengths P_i. ``dtype``: the tables' dtype (default: one that holds
+    every input exactly)."""
+    if dtype is None:  # every input's values exactly (a bf16 prompt beside an fp32 one under autocast)
+        given = [v.dtype for v in vectors if v is not None] + [d[0][0].dtype for d in deep if d is not None]
+        dtype = functools.reduce(torch.promote_types, given, given[0]) if given else torch.float32
+    n_max = max((v.shape[0] for v in vectors if v is not None), default=0)
+    soft = torch.zeros(len(vectors), n_max, hidden, device=device, dtype=dtype)
+    for i, v in enumerate(vectors):
+        if v is not None:
+            soft[i, : v.shape[0]] = v.detach().to(dtype)
+    prefix_len = [d[0][0].shape[-2] if d else 0 for d in deep]
+    if all(d is None for d in deep):
+        return soft, None, None, prefix_len
+    p_max = max(prefix_len)
+    template = next(d for d in deep if d is not None)
+    tables = []
+    for site, (k0, _) in enumerate(template):
+        shape = (len(deep), k0.shape[1], p_max, k0.shape[3])
+        ks, vs = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        for i, d in enumerate(deep):
+            if d is not None:
+                ks[i, :, : prefix_len[i]] = d[site][0][0].to(dtype)
+                vs[i, :, : prefix_len[i]] = d[site][1][0].to(dtype)
+        tables.append((ks, vs))
+    keep = torch.arange(p_max, device=device)[None, :] < torch.tensor(prefix_len, device=device)[:, None]
+    return soft, tables, keep, prefix_len
 
 
 class PromptServer:
@@ -156,34 +206,12 @@ class PromptServer:
 
     # ------------------------------------------------------------------ per-prompt tensors, padded and stacked
     def _build_tables(self) -> None:
-        hidden = self.base.embeddings.embedding_dim
         with torch.no_grad():
             vectors = [p.task.model.tuner.soft_vectors() for p in self.prompts]
             deep = [p.task.model.tuner.deep_prefixes() if p.task.model.tuner.is_deep else None for p in self.prompts]
-        n_max = max((v.shape[0] for v in vectors if v is not None), default=0)
-        self.soft = torch.zeros(len(self.prompts), n_max, hidden, device=self.device)
-        for i, v in enumerate(vectors):
-            if v is not None:
-                self.soft[i, : v.shape[0]] = v.detach().float()
-        self.prefix_len = [d[0][0].shape[-2] if d else 0 for d in deep]
-        self.deep: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.keep: torch.Tensor | None = None
-        if any(d is not None for d in deep):
-            p_max = max(self.prefix_len)
-            template = next(d for d in deep if d is not None)
-            self.deep = []
-            for site, (k0, _) in enumerate(template):
-                shape = (len(self.prompts), k0.shape[1], p_max, k0.shape[3])
-                ks, vs = torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device)
-                for i, d in enumerate(deep):
-                    if d is not None:
-                        ks[i, :, : self.prefix_len[i]] = d[site][0][0].float()
-                        vs[i, :, : self.prefix_len[i]] = d[site][1][0].float()
-                self.deep.append((ks, vs))
-            self.keep = (
-                torch.arange(p_max, device=self.device)[None, :]
-                < torch.tensor(self.prefix_len, device=self.device)[:, None]
-            )
+        self.soft, self.deep, self.keep, self.prefix_len = padded_tables(
+            vectors, deep, self.base.embeddings.embedding_dim, self.device, torch.float32
+        )
 
     # ------------------------------------------------------------------ encoding
     def encode(self, requests: Sequence[tuple[int, dict[str, str]]]) -> Encoded:

@@ -2,7 +2,8 @@
 
 One module-scoped server over four prompts of one tiny BERT (soft prompt, P-tuning v1, v2 and prefix tuning) answers
 most tests; a second one (tiny queue, long batch wait) checks the 503 and the SIGTERM drain; a third, on a tiny
-Llama, the completions. Answers are compared with ``ptune predict`` on the same inputs.
+Llama, the completions (a soft prompt, P-tuning v2 and prefix tuning, decoded in mixed batches). Answers are compared
+with ``ptune predict`` on the same inputs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from ptune.generation import prompt_rows
 from ptune.predict import predict, predict_generate
+from ptune.server.batcher import Batcher, CompleteJob
+from ptune.server.decode import GenRow, decode_rows
+from ptune.server.metrics import Metrics
+from ptune.serving import PromptServer
+from ptune.token_cache import render_split
 
 from .helpers import REPO_ROOT, SENTENCES, make_cfg
 from .test_serving import PROMPTS, save_prompt
@@ -300,49 +307,131 @@ def test_full_queue_gives_503_and_sigterm_drains(bert_runs, tmp_path):
 
 GENERATE = {"readout": "generate", "text": "{text_a} It was {mask}", "max_target_length": 6,
             "label_words": {"negative": ["terrible"], "positive": ["great"]}}
+# generate prompts of every kind on one tiny Llama: soft slots of different counts, deep prefixes of different
+# lengths (3 and 6: the mixed decode pads and masks), templates of different lengths
+GEN_PROMPTS = (("deep", "ptuning_v2", 3, None), ("soft", "soft_prompt", 3, None),
+               ("prefix", "prefix", 6, "Text: {text_a} Mood: {mask}"), ("v1", "ptuning_v1", 2, None))
+
+
+def gen_prompts(tiny_models, root: Path, names=("deep", "soft", "prefix"), kind: str = "llama") -> dict[str, Path]:
+    runs = {}
+    family = "seq2seq" if kind == "t5" else "causal"
+    for seed, (name, method, length, text) in enumerate(GEN_PROMPTS):
+        if name not in names:
+            continue
+        cfg = make_cfg(tiny_models[kind], method, family=family, prompt_length=length,
+                       extra=["backbone.dtype=float32"])
+        text = text or GENERATE["text"]
+        cfg.template = OmegaConf.create({**GENERATE, "text": text + "." if family == "seq2seq" else text})
+        runs[name] = save_prompt(root, name, cfg, seed)
+    return runs
 
 
 @pytest.fixture(scope="module")
 def gen_server(tiny_models, tmp_path_factory):
-    """Two generate prompts (a deep one and a soft one) on a tiny Llama."""
+    """Three generate prompts (P-tuning v2, a soft prompt, prefix tuning) on a tiny Llama."""
     root = tmp_path_factory.mktemp("gen_runs")
-    runs = {}
-    for seed, (name, method) in enumerate((("deep", "ptuning_v2"), ("soft", "soft_prompt"))):
-        cfg = make_cfg(tiny_models["llama"], method, family="causal", prompt_length=3, extra=["backbone.dtype=float32"])
-        cfg.template = OmegaConf.create(GENERATE)
-        runs[name] = save_prompt(root, name, cfg, seed)
+    runs = gen_prompts(tiny_models, root)
     srv = Server([f"{n}={p}" for n, p in runs.items()] + ["--max-wait-ms", "100", "--max-tokens", "16"],
                  cwd=root)
     yield srv, runs
     assert srv.stop() == 0, "".join(srv.log)
 
 
+def _decode_histogram(srv) -> tuple[float, float]:
+    """(decode batches, decode batches of one prompt) so far."""
+    return _metric(srv, "ptune_serve_decode_prompts_count"), _metric(srv, 'ptune_serve_decode_prompts_bucket{le="1"}')
+
+
 def test_greedy_completions_equal_predict_generate(gen_server):
+    """Concurrent completions for three prompts: each text is ``ptune predict --generate``'s, and rows of different
+    prompts decode in one batch (the decode histogram of /metrics)."""
     srv, runs = gen_server
     expected = {}
     for name, path in runs.items():
         rows = predict_generate([str(path)], [{"text_a": s} for s in SENTENCES], [], 32, None, "test")
         expected[name] = [r["text"] for r in rows]
-    assert expected["deep"] != expected["soft"]
-    jobs = [(name, k) for name in runs for k in range(len(SENTENCES))]
+    assert len({tuple(t) for t in expected.values()}) == len(runs)  # every prompt writes its own texts
+    jobs = [(name, k) for k in range(len(SENTENCES)) for name in runs]  # interleaved: each wave mixes prompts
 
     def ask(job):
         name, k = job
         return srv.json("POST", "/v1/completions", {"model": name, "prompt": SENTENCES[k]})
 
-    before = _metric(srv, "ptune_serve_batch_rows_count")
-    with ThreadPoolExecutor(8) as pool:
+    before, before_alone = _metric(srv, "ptune_serve_batch_rows_count"), _decode_histogram(srv)
+    with ThreadPoolExecutor(9) as pool:
         answers = list(pool.map(ask, jobs))
     assert _metric(srv, "ptune_serve_batch_rows_count") - before < len(jobs)  # decoded together
+    decodes, alone = (a - b for a, b in zip(_decode_histogram(srv), before_alone, strict=True))
+    assert alone < decodes, "no decode batch mixed prompts"
     for (name, k), (status, body) in zip(jobs, answers, strict=True):
         assert status == 200, body
         assert body["object"] == "text_completion" and body["model"] == name
         (choice,) = body["choices"]
-        assert choice["text"] == expected[name][k]
+        assert choice["text"] == expected[name][k], (name, k)
         assert choice["finish_reason"] in ("stop", "length")
     status, body = srv.json("POST", "/v1/completions", {"model": "deep", "prompt": SENTENCES[:3]})
     assert status == 200 and [c["text"] for c in body["choices"]] == expected["deep"][:3]
     assert body["usage"]["completion_tokens"] <= 3 * 6
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_mixed_completion_decode_equals_per_prompt_decode(tiny_models, tmp_path, kind):
+    """fp32, at the decode: rows of four prompts (soft slots 3 and 2, prefixes 3 and 6, prompts of different
+    lengths) decoded in one batch write, token for token, what each prompt's rows write decoded alone; on a decoder
+    (left padding) and an encoder-decoder."""
+    runs = gen_prompts(tiny_models, tmp_path, names=[n for n, *_ in GEN_PROMPTS], kind=kind)
+    server = PromptServer([str(p) for p in runs.values()])
+    examples = [{"text_a": s} for s in SENTENCES]
+
+    def rows(prompt, ks) -> list[GenRow]:
+        ids, answers = render_split(prompt.task.renderer, [examples[k] for k in ks])
+        return [GenRow(ids=x, max_tokens=8) for x in prompt_rows(ids, answers)]
+
+    ks = list(range(len(SENTENCES)))
+    alone = {}
+    for p in server.prompts:
+        assert p.decodes_mixed
+        got = rows(p, ks)
+        decode_rows(p.task.model, got, server.device, server.amp)
+        alone[p.name] = [r.tokens for r in got]
+    assert len({str(t) for t in alone.values()}) == len(runs)  # the prompts write different tokens
+    mixed, owners = [], []
+    for k in ks:  # row k of prompt (k + j) % n: every prompt beside every other, lengths all different
+        for j in range(len(server.prompts)):
+            p = server.prompts[(k + j) % len(server.prompts)]
+            mixed += rows(p, [k])
+            owners.append((p, k))
+    assert len({len(r.ids) for r in mixed}) > len(SENTENCES) // 2
+    decode_rows([p.task.model for p, _ in owners], mixed, server.device, server.amp)
+    for (p, k), r in zip(owners, mixed, strict=True):
+        assert r.tokens == alone[p.name][k], (p.name, k)
+    assert sum(len(r.tokens) for r in mixed) > len(mixed)  # real text, not stop tokens at once
+
+
+def test_completions_of_a_prompt_that_cannot_mix_decode_alone(tiny_models, tmp_path):
+    """The batcher decodes the rows of every prompt whose readout mixes in one batch and a prompt whose readout
+    does not (``Readout.decodes_mixed`` false) on its own; every text is the one its prompt decodes alone."""
+    runs = gen_prompts(tiny_models, tmp_path)
+    server = PromptServer([str(p) for p in runs.values()])
+    deep, soft, prefix = server.prompts
+    prefix.task.model.readout.decodes_mixed = lambda family: False
+    examples = [{"text_a": s} for s in SENTENCES[:2]]
+    metrics = Metrics()
+    batcher = Batcher(server, metrics, max_batch=64, max_wait=2.0, max_queue=64)
+    try:
+        jobs = [CompleteJob(p, examples, [GenRow(ids=[], max_tokens=6) for _ in examples])
+                for p in (deep, prefix, soft)]
+        futures = [batcher.submit(j) for j in jobs]
+        got = {j.prompt.name: [r.tokens for r in f.result(timeout=60)] for j, f in zip(jobs, futures, strict=True)}
+    finally:
+        batcher.stop(timeout=10)
+    assert metrics.batches == 2 and metrics.decode_prompts.counts[:2] == [1, 2]  # {deep, soft} and {prefix}
+    for p in server.prompts:
+        ids, answers = render_split(p.task.renderer, examples)
+        alone = [GenRow(ids=x, max_tokens=6) for x in prompt_rows(ids, answers)]
+        decode_rows(p.task.model, alone, server.device, server.amp)
+        assert got[p.name] == [r.tokens for r in alone], p.name
 
 
 def _stream(srv, body) -> tuple[list[dict], list[str]]:

@@ -109,6 +109,12 @@ class Readout(nn.Module):
         ``run``, then ``read``)."""
         return True
 
+    def decodes_mixed(self, family: Family) -> bool:
+        """Serving may decode this prompt's rows (POST /v1/completions) in one batch with other prompts' rows:
+        per-row soft vectors and deep prefixes on ``generation._Decoder`` (``server.decode.decode_rows``). Only a
+        readout that writes text decodes."""
+        return False
+
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, pm: PromptModel, data: Encoded, batch_size: int, device, amp, left_pad: bool,
                  num_classes: int, label_names: list[str] | None = None) -> dict:

@@ -106,7 +106,12 @@ class GenerateReadout(Readout):
         raise PtuneError("template.readout=generate writes text: it has no class scores")
 
     def mixable(self, family) -> bool:
-        return False
+        return False  # no class scores to mix: its rows decode (``decodes_mixed``)
+
+    def decodes_mixed(self, family) -> bool:
+        """The decode's inputs are the prompt's soft vectors and deep prefixes only, both of which stack per row;
+        the stop token is the backbone's (``stop_token``), the same for every prompt on it."""
+        return True
 
     def evaluate(self, pm, data, batch_size, device, amp, left_pad, num_classes, label_names=None) -> dict:
         """Decode, then exact match / ROUGE-L / BLEU."""

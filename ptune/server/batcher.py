@@ -3,10 +3,12 @@
 Requests wait in one FIFO. The worker takes the first, then keeps taking more until the batch holds ``max_batch``
 rows or ``max_wait`` seconds have passed since it took the first (under load the queue is already full and the wait
 is never spent). Classification rows of any mix of prompts run as one ``PromptServer.score_encoded`` call (sorted by
-length, split into batches of ``max_batch``: what ``ptune predict`` runs); completion rows decode together per prompt
-(``decode.decode_rows``). Changes to the set of prompts (POST/DELETE /v1/models) travel in the same FIFO and are
-applied by the worker between two batches: every request accepted before a change is answered as if it had not
-happened, and no batch ever sees a half-changed model.
+length, split into batches of ``max_batch``: what ``ptune predict`` runs). Completion rows of any mix of prompts
+decode together in one batch with the cache (``decode.decode_rows``: per-row soft vectors and deep prefixes), except
+those of prompts whose readout cannot mix (``Readout.decodes_mixed``), which decode one prompt at a time. Changes to
+the set of prompts (POST/DELETE /v1/models) travel in the same FIFO and are applied by the worker between two
+batches: every request accepted before a change is answered as if it had not happened, and no batch ever sees a
+half-changed model.
 
 Admission is bounded: at most ``max_queue`` requests accepted and not yet answered (waiting or in the running batch);
 ``submit`` raises ``QueueFull`` beyond that (HTTP 503).
@@ -144,12 +146,7 @@ class Batcher:
     def _execute(self, batch: list) -> None:
         try:
             self._classify([j for j in batch if isinstance(j, ClassifyJob)])
-            by_prompt: dict[int, list[CompleteJob]] = {}
-            for j in batch:
-                if isinstance(j, CompleteJob):
-                    by_prompt.setdefault(id(j.prompt), []).append(j)
-            for jobs in by_prompt.values():
-                self._complete(jobs)
+            self._complete([j for j in batch if isinstance(j, CompleteJob)])
         except Exception as exc:  # a bug or a backend failure: answer every job, keep the worker alive
             for j in batch:
                 if not j.future.done():
@@ -192,6 +189,8 @@ class Batcher:
             at += j.size
 
     def _complete(self, jobs: list[CompleteJob]) -> None:
+        """Render every job, then decode: the rows of all prompts that decode mixed in one batch, the others' rows
+        one prompt at a time."""
         ready = []
         for j in jobs:
             if self._index(j) is None:
@@ -204,13 +203,19 @@ class Batcher:
             for r, x in zip(j.rows, prompt_rows(ids, answers), strict=True):
                 r.ids = x
             ready.append(j)
-        if not ready:
-            return
-        rows = [r for j in ready for r in j.rows]
-        self.metrics.batch(len(rows))
-        decode_rows(ready[0].prompt.task.model, rows, self.server.device, self.server.amp)
+        groups: list[list[CompleteJob]] = [[j for j in ready if j.prompt.decodes_mixed]]
+        alone: dict[int, list[CompleteJob]] = {}
         for j in ready:
-            j.future.set_result(j.rows)
+            if not j.prompt.decodes_mixed:
+                alone.setdefault(id(j.prompt), []).append(j)
+        for group in [g for g in groups if g] + list(alone.values()):
+            rows = [r for j in group for r in j.rows]
+            models = [j.prompt.task.model for j in group for _ in j.rows]
+            self.metrics.batch(len(rows))
+            self.metrics.decode(len({id(j.prompt) for j in group}))
+            decode_rows(models, rows, self.server.device, self.server.amp)
+            for j in group:
+                j.future.set_result(j.rows)
 
 
 CHUNK_OVERHEAD = 64  # what one more forward costs, in padded tokens (Python and kernel launches; measured on CPU)

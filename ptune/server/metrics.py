@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PROMPT_BUCKETS = (1, 2, 3, 4, 8, 16, 32)
 
 
 class Histogram:
@@ -43,6 +44,7 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = defaultdict(int)
         self.latency: dict[str, Histogram] = {}
         self.batch_rows = Histogram(BATCH_BUCKETS)
+        self.decode_prompts = Histogram(PROMPT_BUCKETS)
         self.batches = 0
         self.rows = 0
 
@@ -56,6 +58,11 @@ class Metrics:
             self.batch_rows.observe(rows)
             self.batches += 1
             self.rows += rows
+
+    def decode(self, prompts: int) -> None:
+        """One decode batch of completion rows ran, holding rows of ``prompts`` different prompts."""
+        with self._lock:
+            self.decode_prompts.observe(prompts)
 
     def mean_batch(self) -> float:
         with self._lock:
@@ -82,6 +89,9 @@ class Metrics:
             out += ["# HELP ptune_serve_batch_rows Rows (inputs) per batch run by the model worker.",
                     "# TYPE ptune_serve_batch_rows histogram"]
             out += self.batch_rows.lines("ptune_serve_batch_rows")
+            out += ["# HELP ptune_serve_decode_prompts Different prompts per decode batch of completion rows.",
+                    "# TYPE ptune_serve_decode_prompts histogram"]
+            out += self.decode_prompts.lines("ptune_serve_decode_prompts")
         for name, (help_, value) in gauges.items():
             out += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value():g}"]
         return "\n".join(out) + "\n"
