@@ -69,6 +69,20 @@ def test_two_workers_share_a_journal_study_without_collision(tiny_models, tiny_c
     assert "4 complete, 0 pruned, 0 failed of 4 trial(s)" in (folder / "search.md").read_text()
 
 
+def test_two_workers_stop_at_the_example_budget(tiny_models, tiny_csv, tmp_path):
+    """search.max_examples is checked by every worker before it asks: once the study's finished trials have spent
+    it, no worker starts another, so of 6 trials at most one per worker runs (each spends more than the budget)."""
+    folder = tmp_path / "search"
+    proc = _search(_args(tiny_models, tiny_csv, tmp_path, folder, "search.n_trials=6", "search.workers=2",
+                         "search.max_examples=1", "search.pruner=none", "trainer.num_threads=2"), tmp_path)
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    trials = open_study(folder).get_trials()
+    assert 1 <= len(trials) <= 2, [t.number for t in trials]
+    assert "search.max_examples=1 reached" in out
+    assert f"of {len(trials)} trial(s)" in (folder / "search.md").read_text()
+
+
 def _trial_pid(folder: Path, deadline: float) -> tuple[str, int]:
     """The first trial folder whose run lock a live worker holds, and that worker's pid."""
     while time.monotonic() < deadline:

@@ -367,12 +367,15 @@ def fit_space(spec: config.SearchConfig, user: list[str]) -> config.SearchConfig
 
 def unused_params(cfg) -> dict[str, str]:
     """Searchable keys that a trial config ``cfg`` does not use, with the reason."""
+    from ..readouts import readout_class
+
     readout = str(cfg.template.get("readout"))
+    kind = readout_class(readout)
     unused = {}
-    if readout != "head":
+    if not kind.trains_own_parameters:
         unused["trainer.head_lr"] = f"template.readout={readout} trains no head"
-    if readout == "generate":
-        unused["trainer.class_weights"] = "template.readout=generate has no classes to weigh"
+    if not kind.weighs_classes:
+        unused["trainer.class_weights"] = f"template.readout={readout} has no classes to weigh"
     return unused
 
 

@@ -42,6 +42,10 @@ class Readout(nn.Module):
     serving may compute the vocabulary logits once for several prompts."""
     metrics: ClassVar[tuple[str, ...]] = CLASSIFIER_SELECTABLE
     """The ``trainer.metric`` values its evaluation reports (higher is better)."""
+    trains_own_parameters: ClassVar[bool] = False
+    """Has trainable parameters of its own (a head), trained at ``trainer.head_lr``."""
+    weighs_classes: ClassVar[bool] = True
+    """Its loss is over classes, so ``trainer.class_weights=balanced`` applies."""
     no_label_words: ClassVar[str] = ""
     """Why there are no label words (for ``method.init=labels``), where the readout has none."""
     verbalizer: Any = None

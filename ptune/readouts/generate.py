@@ -24,6 +24,7 @@ class GenerateReadout(Readout):
     (text-to-text classification)."""
 
     name = "generate"
+    weighs_classes = False
     generates_text = True
     metrics = GENERATE_SELECTABLE
     no_label_words = "template.readout=generate has no template.label_words (its targets come from template.target)"

@@ -19,6 +19,7 @@ class HeadReadout(Readout):
     """Linear classifier on the pooled hidden state (the summary token, or the mean of real tokens)."""
 
     name = "head"
+    trains_own_parameters = True
     needs_lm_head = False
     no_label_words = "template.readout=head reads a linear head, which has no label words"
 
