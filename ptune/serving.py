@@ -84,14 +84,13 @@ def load_prompts(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> 
                 f"{ref.get(key)!r} vs {saved.meta['backbone'].get(key)!r}): one batch can only mix prompts of the "
                 "same backbone; run them in separate calls"
             )
-        own = section(saved.cfg, "backbone")
-        for key in ("dtype", "quantize"):  # how the shared backbone is loaded: one value for all
-            if getattr(own, key) != getattr(shared, key):
-                raise PtuneError(
-                    f"checkpoints {first_name!r} and {name!r} use different backbone.{key} values: pass the same "
-                    f"backbone.{key}=... override for all of them"
-                )
-    need_lm_head = any(readout_class(section(s.cfg, "template").readout).needs_lm_head for _, s in loaded)
+        key = _loading_mismatch(first.cfg, saved.cfg)
+        if key is not None:
+            raise PtuneError(
+                f"checkpoints {first_name!r} and {name!r} use different backbone.{key} values: pass the same "
+                f"backbone.{key}=... override for all of them"
+            )
+    need_lm_head = any(_needs_lm_head(s.cfg) for _, s in loaded)
     backbone = load_backbone(shared.name, with_lm_head=need_lm_head, dtype=shared.dtype, quantize=shared.quantize)
     prompts = []
     for name, saved in loaded:
@@ -99,6 +98,13 @@ def load_prompts(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> 
         task.model.eval()
         prompts.append(ServedPrompt(name, saved.checkpoint, task, saved.cfg, saved.meta))
     return prompts, backbone
+
+
+def _loading_mismatch(shared: DictConfig, own: DictConfig) -> str | None:
+    """The ``backbone`` key (dtype, quantize) on which ``own`` would load the shared backbone otherwise, or None:
+    one backbone is loaded for every served prompt."""
+    a, b = section(shared, "backbone"), section(own, "backbone")
+    return next((key for key in ("dtype", "quantize") if getattr(a, key) != getattr(b, key)), None)
 
 
 def _needs_lm_head(cfg: DictConfig) -> bool:
@@ -177,13 +183,13 @@ class PromptServer:
         a PtuneError when it was trained on another backbone or needs the backbone loaded otherwise."""
         saved = read_saved(path, self.overrides)  # the one loader, as load_prompts
         cfg = saved.cfg
-        shared, own = section(self.prompts[0].cfg, "backbone"), section(cfg, "backbone")
-        for key in ("dtype", "quantize"):
-            if getattr(own, key) != getattr(shared, key):
-                raise PtuneError(
-                    f"checkpoint {str(path)!r} uses backbone.{key}={getattr(own, key)!r}, the served backbone "
-                    f"{getattr(shared, key)!r}: serve it from another server"
-                )
+        key = _loading_mismatch(self.prompts[0].cfg, cfg)
+        if key is not None:
+            own, shared = section(cfg, "backbone"), section(self.prompts[0].cfg, "backbone")
+            raise PtuneError(
+                f"checkpoint {str(path)!r} uses backbone.{key}={getattr(own, key)!r}, the served backbone "
+                f"{getattr(shared, key)!r}: serve it from another server"
+            )
         if _needs_lm_head(cfg) and not self.lm_head_loaded:
             raise PtuneError(
                 f"checkpoint {str(path)!r} reads the backbone's LM head, which this server did not load: restart the "
