@@ -75,14 +75,20 @@ _STOP = object()
 
 
 class Batcher:
-    def __init__(self, server: PromptServer, metrics: Metrics, max_batch: int, max_wait: float, max_queue: int):
+    """The worker loop is ``run``: on a thread of its own (``thread=True``), or in the caller's thread, which
+    ``ptune serve`` does with the main thread (see ``commands/serve.py`` for why)."""
+
+    def __init__(self, server: PromptServer, metrics: Metrics, max_batch: int, max_wait: float, max_queue: int,
+                 thread: bool = True):
         self.server, self.metrics = server, metrics
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait, max_queue
         self._fifo: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._pending = 0
-        self._thread = threading.Thread(target=self._run, name="ptune-serve-worker", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if thread:
+            self._thread = threading.Thread(target=self.run, name="ptune-serve-worker", daemon=True)
+            self._thread.start()
 
     # ------------------------------------------------------------------ the HTTP side
     @property
@@ -115,11 +121,14 @@ class Batcher:
         return c.future
 
     def stop(self, timeout: float | None = None) -> None:
+        """Answer what is queued, then end ``run`` (joined when it has its own thread)."""
         self._fifo.put(_STOP)
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     # ------------------------------------------------------------------ the worker
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Take batches from the FIFO and execute them until ``stop``."""
         carry = None
         while True:
             first = carry if carry is not None else self._fifo.get()
