@@ -13,7 +13,8 @@ RUNs are what `ptune serve` takes (run folders, or a folder of runs). Each reque
 * offline: `ptune.predict.predict` of the same inputs in a fresh process (length-sorted batches of --max-batch),
   model loading excluded, as the server's loading is excluded.
 
-Reports throughput (requests/s), p50/p99 latency, the mean rows per batch (from /metrics) and checks that the served
+Reports throughput (requests/s), p50/p99 latency, the mean rows per batch and the share of the time the model was busy
+(from /metrics), and checks that the served
 answers agree with the offline ones (labels, largest probability difference).
 """
 
@@ -72,11 +73,13 @@ class Served:
     def models(self) -> list[str]:
         return [m["id"] for m in json.loads(self.get("/v1/models"))["data"]]
 
-    def batch_stats(self) -> tuple[float, float]:
+    def batch_stats(self) -> tuple[float, float, float]:
+        """Rows in batches, batches, and the seconds the model worker spent on them, so far."""
         text = self.get("/metrics").decode()
         s = float(re.search(r"^ptune_serve_batch_rows_sum (\S+)", text, re.M).group(1))
         n = float(re.search(r"^ptune_serve_batch_rows_count (\S+)", text, re.M).group(1))
-        return s, n
+        busy = float(re.search(r"^ptune_serve_batch_seconds_sum (\S+)", text, re.M).group(1))
+        return s, n, busy
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -134,7 +137,7 @@ def load(srv: Served, jobs: list[tuple[str, str]], clients: int, seconds: float,
                 answers[k] = answer["choices"][0]["text"] if max_tokens else answer["results"][0]
         sock.close()
 
-    s0, n0 = srv.batch_stats()
+    s0, n0, b0 = srv.batch_stats()
     start = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
@@ -142,14 +145,16 @@ def load(srv: Served, jobs: list[tuple[str, str]], clients: int, seconds: float,
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    s1, n1 = srv.batch_stats()
+    s1, n1, b1 = srv.batch_stats()
     lat = sorted(latencies)
     return {
         "requests": len(lat), "errors": len(errors), "first_error": errors[0] if errors else None,
         "seconds": round(wall, 2), "throughput_rps": round(len(lat) / wall, 1),
         "p50_ms": round(1000 * statistics.median(lat), 1) if lat else None,
         "p99_ms": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1) if lat else None,
-        "mean_batch_rows": round((s1 - s0) / max(n1 - n0, 1), 2), "answers": answers,
+        "mean_batch_rows": round((s1 - s0) / max(n1 - n0, 1), 2),
+        # the share of the wall time the model worker was running batches: below 1, it waited for requests
+        "model_busy": round((b1 - b0) / wall, 2), "answers": answers,
     }
 
 

@@ -219,11 +219,14 @@ def test_metrics_are_prometheus_text(server):
     text = raw.decode()
     assert status == 200 and headers["content-type"].startswith("text/plain")
     for name in ("ptune_serve_requests_total", "ptune_serve_errors_total", "ptune_serve_queue_depth",
-                 "ptune_serve_batch_rows", "ptune_serve_request_seconds"):
+                 "ptune_serve_batch_rows", "ptune_serve_request_seconds", "ptune_serve_batch_seconds"):
         assert f"# TYPE {name} " in text
     assert re.search(r'ptune_serve_requests_total\{endpoint="/v1/classify",code="400"\} [1-9]', text)
     assert re.search(r'ptune_serve_errors_total\{code="400"\} [1-9]', text)
     assert 'ptune_serve_request_seconds_bucket{endpoint="/v1/classify",le="+Inf"}' in text
+    # the model worker's time per gathered batch (the module's server has run batches by now)
+    assert int(re.search(r"^ptune_serve_batch_seconds_count (\d+)", text, re.M).group(1)) > 0
+    assert float(re.search(r"^ptune_serve_batch_seconds_sum (\S+)", text, re.M).group(1)) > 0
 
 
 def test_models_added_and_removed_while_serving(server, bert_runs, tiny_models, tmp_path):

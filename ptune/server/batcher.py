@@ -150,7 +150,9 @@ class Batcher:
                     break
                 batch.append(item)
                 rows += item.size
+            start = time.perf_counter()
             self._execute(batch)
+            self.metrics.batch_time(time.perf_counter() - start)
 
     def _execute(self, batch: list) -> None:
         try:

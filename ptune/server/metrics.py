@@ -45,6 +45,7 @@ class Metrics:
         self.latency: dict[str, Histogram] = {}
         self.batch_rows = Histogram(BATCH_BUCKETS)
         self.decode_prompts = Histogram(PROMPT_BUCKETS)
+        self.batch_seconds = Histogram(LATENCY_BUCKETS)
         self.batches = 0
         self.rows = 0
 
@@ -58,6 +59,12 @@ class Metrics:
             self.batch_rows.observe(rows)
             self.batches += 1
             self.rows += rows
+
+    def batch_time(self, seconds: float) -> None:
+        """The model worker spent ``seconds`` on one gathered batch (rendering, forwards, answers): its sum over
+        the wall time is how busy the model is, so a server that is slow while it is idle waits on HTTP."""
+        with self._lock:
+            self.batch_seconds.observe(seconds)
 
     def decode(self, prompts: int) -> None:
         """One decode batch of completion rows ran, holding rows of ``prompts`` different prompts."""
@@ -89,6 +96,9 @@ class Metrics:
             out += ["# HELP ptune_serve_batch_rows Rows (inputs) per batch run by the model worker.",
                     "# TYPE ptune_serve_batch_rows histogram"]
             out += self.batch_rows.lines("ptune_serve_batch_rows")
+            out += ["# HELP ptune_serve_batch_seconds Time the model worker spent per gathered batch.",
+                    "# TYPE ptune_serve_batch_seconds histogram"]
+            out += self.batch_seconds.lines("ptune_serve_batch_seconds")
             out += ["# HELP ptune_serve_decode_prompts Different prompts per decode batch of completion rows.",
                     "# TYPE ptune_serve_decode_prompts histogram"]
             out += self.decode_prompts.lines("ptune_serve_decode_prompts")
