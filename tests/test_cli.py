@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import write_csv
+from .helpers import ptune_here
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -109,12 +110,20 @@ BAD_INPUTS = {
 }
 
 
+# the cases run by a real `python -m ptune` process; the others run in this one (helpers.ptune_here), which ends in
+# the same handler: one composition error and one from inside the run's start
+IN_A_PROCESS = ("unknown experiment", "missing data file")
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_one_line_no_traceback(case, tmp_path, data_root):
+def test_bad_input_one_line_no_traceback(case, tmp_path, data_root, capsys, monkeypatch):
     args, needle = BAD_INPUTS[case]
     if case != "missing data file":
         args = [*args, f"data.root={data_root}"]
-    res = ptune("train", *args, cwd=tmp_path)
+    if case in IN_A_PROCESS:
+        res = ptune("train", *args, cwd=tmp_path)
+    else:
+        res = ptune_here("train", *args, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
     assert res.returncode == 2, res.stderr  # the README's exit code for user errors
     lines = [x for x in res.stderr.splitlines() if x.strip()]
     assert len(lines) == 1, res.stderr

@@ -18,6 +18,7 @@ from ptune import runfolder
 from ptune.atomic import TMP_PREFIX
 from ptune.errors import PtuneError
 
+from .helpers import ptune_here
 from .test_cli import csv_overrides, ptune
 from .test_resume import _kill_at_step
 
@@ -206,11 +207,15 @@ def test_resume_sweeps_what_killed_saves_left(killed_run, tmp_path):
     assert (run / ".checkpoint.notes").read_text() == "the user's"
 
 
-def test_run_folder_that_cannot_be_written_is_one_line(tiny_models, tiny_csv, tmp_path):
+def test_run_folder_that_cannot_be_written_is_one_line(tiny_models, tiny_csv, tmp_path, capsys, monkeypatch):
     (tmp_path / "afile").write_text("x")
     for target in ("afile", "afile/sub", "/proc/ptune-run"):
-        line = _one_error_line(ptune("train", *_base(tiny_models, tiny_csv), f"hydra.run.dir={target}", cwd=tmp_path))
-        assert "hydra.run.dir=" in line
+        args = ("train", *_base(tiny_models, tiny_csv), f"hydra.run.dir={target}")
+        if target == "afile":  # one in a real process, the others in this one
+            res = ptune(*args, cwd=tmp_path)
+        else:
+            res = ptune_here(*args, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+        assert "hydra.run.dir=" in _one_error_line(res)
     assert (tmp_path / "afile").read_text() == "x"
 
 
@@ -249,14 +254,14 @@ def test_checkpoint_config_is_not_interpolated(finished_checkpoint, tmp_path):
     assert "interpolation" in line
 
 
-def test_checkpoint_config_alias_bomb_is_refused_fast(finished_checkpoint, tmp_path):
+def test_checkpoint_config_alias_bomb_is_refused_fast(finished_checkpoint, tmp_path, capsys, monkeypatch):
     run = _copy_run(finished_checkpoint, tmp_path / "r")
     bomb = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
     bomb += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 12)]
     cfg = run / "checkpoint" / "config.yaml"
     cfg.write_text(cfg.read_text() + "\n".join(bomb) + "\n")
     t0 = time.perf_counter()
-    line = _one_error_line(ptune("eval", str(run), cwd=tmp_path))
+    line = _one_error_line(ptune_here("eval", str(run), cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch))
     assert "anchors/aliases" in line
     assert time.perf_counter() - t0 < 120  # refused while parsing events, never expanded (expanded: minutes)
 
@@ -286,20 +291,22 @@ def test_checkpoint_data_paths_are_not_followed(finished_checkpoint, tmp_path):
         (lambda d: d["method"].update(name=["x"]), "method.name must be a string"),
     ],
 )
-def test_malformed_checkpoint_config_is_one_line(finished_checkpoint, tmp_path, edit, expected):
+def test_malformed_checkpoint_config_is_one_line(finished_checkpoint, tmp_path, edit, expected, capsys, monkeypatch):
     run = _copy_run(finished_checkpoint, tmp_path / "r")
     cfg_path = run / "checkpoint" / "config.yaml"
     cfg = yaml.safe_load(cfg_path.read_text())
     edit(cfg)
     cfg_path.write_text(yaml.safe_dump(cfg))
-    assert expected in _one_error_line(ptune("eval", str(run), cwd=tmp_path))
+    assert expected in _one_error_line(ptune_here("eval", str(run), cwd=tmp_path, capsys=capsys,
+                                                  monkeypatch=monkeypatch))
 
 
 @pytest.mark.parametrize("meta", ['{"label_names": "ab"}', "[1, 2]", "{" * 100000, '{"label_names": [NaN]}'])
-def test_malformed_checkpoint_meta_is_one_line(finished_checkpoint, tmp_path, meta):
+def test_malformed_checkpoint_meta_is_one_line(finished_checkpoint, tmp_path, meta, capsys, monkeypatch):
     run = _copy_run(finished_checkpoint, tmp_path / "r")
     (run / "checkpoint" / "meta.json").write_text(meta)
-    assert "meta.json" in _one_error_line(ptune("eval", str(run), cwd=tmp_path))
+    res = ptune_here("eval", str(run), cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    assert "meta.json" in _one_error_line(res)
 
 
 def test_non_finite_checkpoint_tensors_are_refused(finished_checkpoint, tmp_path):

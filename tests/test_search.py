@@ -15,6 +15,7 @@ from ptune.config import compose
 from ptune.data import load_train_dev
 from ptune.errors import PtuneError
 
+from .helpers import ptune_here
 from .test_cli import csv_overrides, ptune
 
 
@@ -138,8 +139,9 @@ def test_validation_is_stratified_by_class_unless_told_otherwise():
 
 
 @pytest.mark.parametrize("value", ["1.5", "0", "-0.2", "true"])
-def test_bad_validation_values_are_refused_in_one_line(value, tiny_models, tiny_csv, tmp_path):
-    res = ptune("train", *csv_overrides(tiny_models, tiny_csv), f"dataset.validation={value}", cwd=tmp_path)
+def test_bad_validation_values_are_refused_in_one_line(value, tiny_models, tiny_csv, tmp_path, capsys, monkeypatch):
+    res = ptune_here("train", *csv_overrides(tiny_models, tiny_csv), f"dataset.validation={value}", cwd=tmp_path,
+                     capsys=capsys, monkeypatch=monkeypatch)
     assert res.returncode == 2
     assert "dataset.validation" in res.stderr and res.stderr.count("\n") == 1, res.stderr
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from .helpers import ptune_here
 from .test_cli import csv_overrides, ptune
 from .test_search import _space
 
@@ -151,8 +152,9 @@ def test_confirm_seeds_retrain_the_best_on_all_of_train_and_report_dev(tiny_mode
     ("search.max_examples=0", "search.max_examples=0 must be an integer >= 1"),
     ("search.timeout=-5", "search.timeout=-5.0 must be a number > 0.0"),
 ])
-def test_bad_pruner_and_budget_values_are_one_line(override, named, tmp_path):
-    res = ptune("search", "+hparams_search=sst2_ptv2", f"search.dir={tmp_path / 's'}", override, cwd=tmp_path)
+def test_bad_pruner_and_budget_values_are_one_line(override, named, tmp_path, capsys, monkeypatch):
+    res = ptune_here("search", "+hparams_search=sst2_ptv2", f"search.dir={tmp_path / 's'}", override, cwd=tmp_path,
+                     capsys=capsys, monkeypatch=monkeypatch)
     assert res.returncode == 2 and named in res.stderr and res.stderr.count("\n") == 1, res.stderr
     assert not (tmp_path / "s").exists()
 

@@ -21,17 +21,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
-from ptune.generation import prompt_rows
+from ptune.generation import _Decoder, collate_prompts, prompt_rows
 from ptune.predict import predict, predict_generate
+from ptune.runtime import autocast
 from ptune.server.batcher import Batcher, CompleteJob
-from ptune.server.decode import GenRow, decode_rows
+from ptune.server.decode import GenRow, _prompt_inputs, decode_rows
 from ptune.server.metrics import Metrics
 from ptune.serving import PromptServer
 from ptune.token_cache import render_split
+from ptune.tuners import deep_attention as da
 
-from .helpers import REPO_ROOT, SENTENCES, make_cfg
+from .helpers import REPO_ROOT, SENTENCES, close, make_cfg
 from .test_serving import PROMPTS, save_prompt
 
 TOKEN = "s3cret-token"
@@ -412,6 +415,45 @@ def test_mixed_completion_decode_equals_per_prompt_decode(tiny_models, tmp_path,
     assert sum(len(r.tokens) for r in mixed) > len(mixed)  # real text, not stop tokens at once
 
 
+def _forced_logits(models, rows: list[list[int]], forced: list[list[int]], server) -> torch.Tensor:
+    """[rows, steps, vocab] logits of ``decode_rows``'s decoder (same inputs, masks and prefixes) when each row is
+    fed the tokens ``forced`` instead of its own choices: comparable under any rounding, unlike greedy tokens."""
+    pm = models[0]
+    ids, mask = collate_prompts(rows, pm.pad_id, pm.family.left_pad)
+    with torch.inference_mode(), autocast(server.device, server.amp):
+        vectors, prefixes, keep = _prompt_inputs(models, server.device)
+        with da.prefixes(prefixes, keep):
+            dec = _Decoder(pm, ids, mask, use_cache=True, bare=False, vectors=vectors)
+            out = [dec.start()]
+            for t in range(len(forced[0]) - 1):
+                out.append(dec.step(torch.tensor([f[t] for f in forced])))
+    return torch.stack(out, 1).float()
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_mixed_decode_step_logits_equal_each_prompt_alone(tiny_models, tmp_path, kind, amp):
+    """The mixed decode's invariant on the precision axis: every row's logits at every step, fed the same tokens,
+    equal its prompt's rows decoded alone, in fp32 and under bf16 autocast (where greedy tokens may flip on a
+    near-tie, so tokens are not compared): per-row soft slots, masked deep-prefix padding, positions and the cache."""
+    runs = gen_prompts(tiny_models, tmp_path, names=[n for n, *_ in GEN_PROMPTS], kind=kind)
+    server = PromptServer([str(p) for p in runs.values()], precision="fp32" if amp is None else "bf16")
+    assert server.amp == amp
+    ids = {}
+    for p in server.prompts:
+        rendered, answers = render_split(p.task.renderer, [{"text_a": s} for s in SENTENCES[:3]])
+        ids[p.name] = prompt_rows(rendered, answers)
+    forced = [[(7 * k + 3 * t) % 50 + 4 for t in range(4)] for k in range(3)]
+    alone = {p.name: _forced_logits([p.task.model] * 3, ids[p.name], forced, server) for p in server.prompts}
+    owners = [(p, k) for k in range(3) for p in server.prompts]  # every prompt beside every other
+    mixed = _forced_logits([p.task.model for p, _ in owners], [ids[p.name][k] for p, k in owners],
+                           [forced[k] for _, k in owners], server)
+    for row, (p, k) in enumerate(owners):
+        ref = alone[p.name][k]
+        scale = float(ref.abs().max())  # bf16: about one rounding step of the largest logit
+        torch.testing.assert_close(mixed[row], ref, atol=close(amp, 1e-5) * scale, rtol=close(amp, 1e-5),
+                                   msg=lambda m, p=p, k=k: f"{p.name} row {k}: {m}")
+
+
 def test_completions_of_a_prompt_that_cannot_mix_decode_alone(tiny_models, tmp_path):
     """The batcher decodes the rows of every prompt whose readout mixes in one batch and a prompt whose readout
     does not (``Readout.decodes_mixed`` false) on its own; every text is the one its prompt decodes alone."""
@@ -494,12 +536,20 @@ def test_completion_settings(gen_server):
     assert status == 403 and "needs a token" in body["error"]["message"]  # a server without a token: no admin
 
 
-def test_command_line_errors(bert_runs, tmp_path):
-    """Bad arguments end in one line and exit 2, before any model loads; a port in use is named."""
+def test_command_line_errors(bert_runs, tmp_path, capsys, monkeypatch):
+    """Bad arguments end in one line and exit 2, before any model loads; a port in use is named. The port case runs
+    in a real process; the others in this one (``_serve``, which loads and serves, must not be reached)."""
     import socket
 
+    import ptune.commands.serve as serve_command
+
+    from .helpers import ptune_here
     from .test_cli import ptune
 
+    def no_serving(*_):
+        raise AssertionError("ptune serve got past its argument checks")
+
+    monkeypatch.setattr(serve_command, "_serve", no_serving)
     run = str(bert_runs["soft4"])
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -514,7 +564,10 @@ def test_command_line_errors(bert_runs, tmp_path):
             ([run, "--port", port], f"cannot listen on 127.0.0.1:{port}"),
         ]
         for args, words in cases:
-            res = ptune("serve", *args, cwd=tmp_path)
+            if "--port" in args and args[-1] == port:
+                res = ptune("serve", *args, cwd=tmp_path)
+            else:
+                res = ptune_here("serve", *args, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
             assert res.returncode == 2 and words in res.stderr, (args, res.stderr)
             assert res.stderr.startswith("ptune: error:") and "Traceback" not in res.stderr
 

@@ -1,9 +1,10 @@
-"""The dynamic batcher: one worker thread owns the model; concurrent requests become mixed batches.
+"""The dynamic batcher: one thread owns the model (the main thread under ``ptune serve``); concurrent requests
+become mixed batches.
 
 Requests wait in one FIFO. The worker takes the first, then keeps taking more until the batch holds ``max_batch``
 rows or ``max_wait`` seconds have passed since it took the first (under load the queue is already full and the wait
-is never spent). Classification rows of any mix of prompts run as one ``PromptServer.score_encoded`` call (sorted by
-length, split into batches of ``max_batch``: what ``ptune predict`` runs). Completion rows of any mix of prompts
+is never spent). Classification rows of any mix of prompts run through ``PromptServer.score_encoded`` in forwards of
+similar lengths (``length_chunks``). Completion rows of any mix of prompts
 decode together in one batch with the cache (``decode.decode_rows``: per-row soft vectors and deep prefixes), except
 those of prompts whose readout cannot mix (``Readout.decodes_mixed``), which decode one prompt at a time. Changes to
 the set of prompts (POST/DELETE /v1/models) travel in the same FIFO and are applied by the worker between two
