@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,6 +122,11 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str]) -> dict:
     # printed first: evaluating may have taken long, and a full disk or read-only folder must not lose the result
     print(metrics_line(out), flush=True)
     target = ckpt.parent / "eval.json"
+    if not _written_by_eval(target):
+        raise PtuneError(
+            f"the metrics of {str(ckpt)!r} are printed above; {str(target)!r} was not written by ptune eval, so it "
+            "is kept: move it away to have them written there"
+        )
     try:
         atomic_write_json(target, out)
     except (OSError, ValueError) as exc:  # ValueError: a NaN metric, which JSON cannot hold
@@ -129,6 +135,24 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str]) -> dict:
             f"the metrics of {str(ckpt)!r} are printed above, but {str(target)!r} could not be written: {reason}"
         ) from None
     return out
+
+
+EVAL_KEYS = ("checkpoint", "split", "examples", "accuracy")
+
+
+def _written_by_eval(target: Path) -> bool:
+    """Whether ``ptune eval`` may replace ``target``: absent, or a JSON object of the keys it writes. A checkpoint
+    can sit in a folder that ptune did not create (a copied checkpoint/ beside the user's own files), and a link
+    there may be the user's too."""
+    if target.is_symlink():
+        return False
+    if not target.exists():
+        return True
+    try:
+        row = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(row, dict) and all(k in row for k in EVAL_KEYS)
 
 
 def metrics_line(row: dict) -> str:

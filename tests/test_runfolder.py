@@ -239,6 +239,31 @@ def _copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
+def test_eval_never_replaces_an_eval_json_it_did_not_write(finished_checkpoint, tmp_path, capsys, monkeypatch):
+    """A checkpoint/ copied into a folder of the user's: ptune eval prints its metrics, keeps the user's eval.json
+    (or a link of that name) and says so in one line; an eval.json of its own it replaces."""
+    run = _copy_run(finished_checkpoint, tmp_path / "r")
+    mine = run / "eval.json"
+    args = ("eval", str(run), f"dataset.dev_file={finished_checkpoint.parent / 'dev.csv'}")
+    for content in ("my own notes", '{"accuracy": 1.0}', "[1, 2]"):
+        mine.write_text(content)
+        res = ptune_here(*args, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+        assert "was not written by ptune eval" in _one_error_line(res)
+        assert "accuracy=" in res.stdout and mine.read_text() == content
+    mine.unlink()
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text("{}")
+    mine.symlink_to(elsewhere)
+    assert "was not written" in _one_error_line(ptune_here(*args, cwd=tmp_path, capsys=capsys,
+                                                          monkeypatch=monkeypatch))
+    assert mine.is_symlink() and elsewhere.read_text() == "{}"
+    mine.unlink()
+    for _ in range(2):  # written, then replaced: it is ptune's own
+        res = ptune_here(*args, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(mine.read_text())["checkpoint"].endswith("checkpoint")
+
+
 def test_checkpoint_config_is_not_interpolated(finished_checkpoint, tmp_path):
     run = _copy_run(finished_checkpoint, tmp_path / "r")
     cfg = run / "checkpoint" / "config.yaml"
