@@ -409,13 +409,22 @@ def test_a_failed_predictions_write_is_one_line(shared_run, tmp_path, monkeypatc
 
 
 # ---------------------------------------------------------------------------------------- ptune eval
-def test_eval_prints_metrics_before_a_failed_eval_json_write(shared_run, tmp_path, capsys):
+def test_eval_prints_metrics_before_a_failed_eval_json_write(shared_run, tmp_path, capsys, monkeypatch):
     run = shutil.copytree(shared_run[0], tmp_path / "run")
-    (run / "eval.json").mkdir()  # a folder where the file must go: the write fails even when running as root
+    (run / "eval.json").mkdir()  # a folder where the file must go (not ptune's: kept; a write would fail anyway)
     code, out, err = run_cli(["eval", str(run), *shared_run[1]], capsys)
-    assert_one_line_error(code, out, err, "printed above, but")
+    assert_one_line_error(code, out, err, "are printed above")
     assert "eval.json" in err
     assert "accuracy=" in out and "macro_f1=" in out
+    (run / "eval.json").rmdir()
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("ptune.inference.atomic_write_json", full_disk)
+    code, out, err = run_cli(["eval", str(run), *shared_run[1]], capsys)
+    assert_one_line_error(code, out, err, "printed above, but")
+    assert "No space left on device" in err and "accuracy=" in out
 
 
 def test_eval_refuses_max_eval_samples_minus_one(shared_run, capsys):
