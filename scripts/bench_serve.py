@@ -13,9 +13,9 @@ RUNs are what `ptune serve` takes (run folders, or a folder of runs). Each reque
 * offline: `ptune.predict.predict` of the same inputs in a fresh process (length-sorted batches of --max-batch),
   model loading excluded, as the server's loading is excluded.
 
-Reports throughput (requests/s), p50/p99 latency, the mean rows per batch and the share of the time the model was busy
-(from /metrics), and checks that the served
-answers agree with the offline ones (labels, largest probability difference).
+Reports throughput (requests/s), p50/p99 latency, the mean rows per batch and the share of the time the model was
+busy (both from /metrics), and checks that the served answers agree with the offline ones (labels, largest
+probability difference).
 """
 
 from __future__ import annotations

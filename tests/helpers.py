@@ -143,19 +143,25 @@ def logits(task: Task, b, amp: torch.dtype | None = None) -> torch.Tensor:
         return task.model(b["input_ids"], b["attention_mask"], b["answer_pos"]).float()
 
 
-def ptune_here(*args: str, cwd: Path, capsys, monkeypatch) -> subprocess.CompletedProcess:
-    """``ptune ARGS`` run in this process, through the console script's own entry (``ptune.cli.main``: the same
-    one-line error handler and exit codes), answered as ``tests/test_cli.py::ptune`` answers a subprocess. For
-    commands refused before any model loads: a subprocess spends ~5 s importing torch and transformers to print
-    that one line. Each test file that uses it keeps at least one such case in a real process."""
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """``ptune ARGS`` in this process, through the console script's own entry (``ptune.cli.main``: the same
+    one-line error handler and exit codes): (exit code, stdout, stderr)."""
     from ptune.cli import main
 
-    monkeypatch.chdir(cwd)
     capsys.readouterr()
     try:
-        main(list(args))
+        main(args)
         code = 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = int(exc.code or 0)
     out = capsys.readouterr()
-    return subprocess.CompletedProcess(["ptune", *args], code, out.out, out.err)
+    return code, out.out, out.err
+
+
+def ptune_here(*args: str, cwd: Path, capsys, monkeypatch) -> subprocess.CompletedProcess:
+    """``run_cli`` in ``cwd``, answered as ``tests/test_cli.py::ptune`` answers a subprocess. For commands refused
+    before any model loads: a subprocess spends ~5 s importing torch and transformers to print that one line. Each
+    test file that uses it keeps at least one such case in a real process."""
+    monkeypatch.chdir(cwd)
+    code, out, err = run_cli(list(args), capsys)
+    return subprocess.CompletedProcess(["ptune", *args], code, out, err)

@@ -18,8 +18,7 @@ import ptune
 from ptune.errors import PtuneError
 
 from .conftest import write_csv
-from .helpers import SENTENCES
-from .test_hostile import run_cli
+from .helpers import SENTENCES, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,8 @@ import pytest
 
 from ptune.cli import main
 
+from .helpers import run_cli
 from .test_cli import csv_overrides
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def assert_one_line_error(code: int, out: str, err: str, needle: str) -> None:

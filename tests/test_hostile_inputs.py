@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from .helpers import run_cli
 from .test_cli import csv_overrides
-from .test_hostile import assert_one_line_error, run_cli
+from .test_hostile import assert_one_line_error
 from .test_resume import _kill_at_step
 
 

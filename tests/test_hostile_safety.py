@@ -14,8 +14,9 @@ import pytest
 
 from ptune import runfolder
 
+from .helpers import run_cli
 from .test_cli import csv_overrides
-from .test_hostile import assert_one_line_error, run_cli
+from .test_hostile import assert_one_line_error
 
 TINY = ["trainer.max_steps=2", "trainer.eval_every=2", "trainer.save_every=0", "trainer.precision=fp32",
         "trainer.device=cpu"]

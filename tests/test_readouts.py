@@ -16,9 +16,9 @@ from ptune.inference import load_task
 from ptune.readouts import READOUTS
 from ptune.training import checkpoint_meta
 
-from .helpers import LABELS, SENTENCES, batch, logits, make_cfg, make_task
+from .helpers import LABELS, SENTENCES, batch, logits, make_cfg, make_task, run_cli
 from .test_cli import csv_overrides
-from .test_hostile import assert_one_line_error, run_cli
+from .test_hostile import assert_one_line_error
 
 # The tiny models (tests/conftest.py) that stand for each family: a new family fails the test below until it has one.
 FAMILY_MODELS = {"encoder": ["bert"], "causal": ["gpt2", "llama"], "seq2seq": ["t5"]}

@@ -20,8 +20,9 @@ from ptune.commands.search import open_study
 from ptune.config import SearchConfig
 from ptune.errors import PtuneError
 
+from .helpers import run_cli
 from .test_cli import ENV, csv_overrides
-from .test_hostile import assert_one_line_error, run_cli
+from .test_hostile import assert_one_line_error
 from .test_hostile_safety import listing
 
 TINY = ["trainer.eval_every=2", "trainer.save_every=0", "trainer.precision=fp32", "trainer.device=cpu"]

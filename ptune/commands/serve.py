@@ -145,7 +145,7 @@ def _serve(args, runs: list[tuple[str, str]], token: str | None, sock: socket.so
     def http() -> None:
         try:
             web.run(sockets=[sock])  # returns once every request in flight is answered (the model still runs)
-        except BaseException as exc:  # noqa: BLE001 - raised again in the main thread
+        except BaseException as exc:  # raised again in the main thread
             failed.append(exc)
         finally:
             batcher.stop()
