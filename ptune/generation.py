@@ -100,7 +100,7 @@ class _Decoder:
             self.embeds = torch.cat([self.embeds, pm.embeddings(new[:, None]).to(self.embeds.dtype)], 1)
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
         pos = position_ids(self.mask)
-        kwargs = {"position_ids": pos} if pm._takes_positions else {}
+        kwargs = {"position_ids": pos} if pm.takes_positions else {}
         if self.use_cache:
             embeds = self.embeds if self.cache is None else self.embeds[:, -1:]
             if self.cache is not None and "position_ids" in kwargs:

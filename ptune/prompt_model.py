@@ -38,10 +38,11 @@ class PromptModel(nn.Module):
         self.pad_id = pad_id
         self.embeddings = model.get_input_embeddings()
         self.body = family.body(model)
-        self._takes_positions = "position_ids" in inspect.signature(self.body.forward).parameters
+        # whether the body takes position ids (ones that skip padding; a packed forward restarts them per row)
+        self.takes_positions = "position_ids" in inspect.signature(self.body.forward).parameters
         self.shared_prefix = shared_prefix
         self.share_prefix = (
-            family.causal_attention and shared_prefix[1] > 0 and not tuner.is_deep and self._takes_positions
+            family.causal_attention and shared_prefix[1] > 0 and not tuner.is_deep and self.takes_positions
         )
         self._prefix_kv: dict | None = None  # inside frozen_prompt(): shared-prefix keys/values per prefix
 
@@ -90,7 +91,7 @@ class PromptModel(nn.Module):
         """The body's last hidden states; ``positions`` default to ones that skip padding (where the body takes
         position ids at all)."""
         kwargs = {}
-        if self._takes_positions:
+        if self.takes_positions:
             kwargs["position_ids"] = position_ids(attention_mask) if positions is None else positions
         return self.body(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
 

@@ -7,13 +7,16 @@ The backbone is loaded once. Every request names the prompt it wants; a batch ma
   (``PromptModel.embed``);
 * deep prompts (P-tuning v2, prefix tuning): per-row key/value prefixes, padded to the longest prompt with the
   padding slots masked out (``deep_attention.prefixes(..., mask)``);
-* readouts per row group: each checkpoint's verbalizer (or [CLS] head) reads its own rows.
+* readouts per row group: each checkpoint's verbalizer (or [CLS] head) reads its own rows;
+* on families that pack rows (encoders), a batch whose rows differ in length runs packed (``ptune.packing``): rows
+  end to end in a few sequences, each sequence attending to its own rows' deep prefixes, the hidden states put back
+  in the padded layout for the readouts.
 
 ``padded_tables`` stacks the prompts' soft vectors and prefixes; ``ptune serve``'s completions stack them the same
 way to decode rows of several generate prompts in one batch (ptune/server/decode.py).
 
-A batch of one prompt runs exactly the computation of that prompt's own ``PromptModel``; a mixed batch gives the
-same class scores up to float rounding (tests/test_serving.py checks 1e-5). Prompts read with
+A batch of one prompt, unpacked, runs exactly the computation of that prompt's own ``PromptModel``; a mixed or
+packed batch gives the same class scores up to float rounding (tests/test_serving.py checks 1e-5). Prompts read with
 ``template.multi_token=full`` (teacher-forced label words) are run per prompt inside a mixed batch.
 """
 
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from . import packing as packed
 from .backbone import Backbone, load_backbone
 from .backbone.identity import identity_mismatch
 from .batching import Encoded, collate, eval_batches
@@ -161,7 +165,10 @@ class PromptServer:
         overrides: Sequence[str] = (),
         device: str | None = None,
         precision: str | None = None,
+        pack: bool = True,
     ):
+        """``pack``: run mixed batches of rows of different lengths packed where the family can (``packs_rows``)."""
+        self.pack = pack
         self.prompts, self.backbone = load_prompts(paths, overrides)
         tr = trainer_config(self.prompts[0].cfg)
         self.device = pick_device(device or tr.device)
@@ -267,19 +274,23 @@ class PromptServer:
         else:
             vectors = self.soft[pidx]
         embeds = base.embed(input_ids, vectors)
-        prefixes, keep = None, None
-        lengths = {self.prefix_len[i] for i in set(pidx.tolist())}
-        if self.deep is not None and lengths != {0}:
-            if single:
-                p = self.prefix_len[first]
-                prefixes = [(k[first : first + 1, :, :p], v[first : first + 1, :, :p]) for k, v in self.deep]
-            else:
-                p = max(lengths)
-                prefixes = [(k[pidx, :, :p], v[pidx, :, :p]) for k, v in self.deep]
-                if len(lengths) > 1:
-                    keep = self.keep[pidx, :p]
-        with da.prefixes(prefixes, keep):
-            states = base.family.run(base, embeds, attention_mask)
+        packing = packed.plan(attention_mask) if self.packs_rows else None
+        if packing is not None:
+            states = self._run_packed(packing, pidx, embeds)
+        else:
+            prefixes, keep = None, None
+            lengths = {self.prefix_len[i] for i in set(pidx.tolist())}
+            if self.deep is not None and lengths != {0}:
+                if single:
+                    p = self.prefix_len[first]
+                    prefixes = [(k[first : first + 1, :, :p], v[first : first + 1, :, :p]) for k, v in self.deep]
+                else:
+                    p = max(lengths)
+                    prefixes = [(k[pidx, :, :p], v[pidx, :, :p]) for k, v in self.deep]
+                    if len(lengths) > 1:
+                        keep = self.keep[pidx, :p]
+            with da.prefixes(prefixes, keep):
+                states = base.family.run(base, embeds, attention_mask)
         used = sorted(set(pidx.tolist()))
         # Where the family reads the whole vocabulary (MLM head, seq2seq decoder), one call covers every
         # verbalizer row: the head's [vocab, H] weight is read once per batch.
@@ -299,6 +310,24 @@ class PromptServer:
                 scores = model.read_out(states[rows], attention_mask[rows], answer_pos[rows])
             groups.append((rows, scores))
         return groups
+
+    @property
+    def packs_rows(self) -> bool:
+        """Whether mixed batches run packed (``ptune.packing``): rows of different lengths end to end, not padded."""
+        return self.pack and self.base.family.packs_rows and self.base.takes_positions
+
+    def _run_packed(self, packing: packed.Packing, pidx: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """The hidden states of a packed forward, in the padded layout; each bin attends to the deep prefixes of its
+        own rows' prompts, one after another."""
+        base, prefixes, keep = self.base, None, None
+        prompt_of_row = pidx.tolist()
+        if self.deep is not None and any(self.prefix_len[i] for i in set(prompt_of_row)):
+            prompt, slot, keep = packed.prefix_slots(packing, prompt_of_row, self.prefix_len)
+            # [prompts, heads, P_max, D] indexed [bins, P] -> [bins, P, heads, D] -> [bins, heads, P, D]
+            prefixes = [(k[prompt, :, slot].transpose(1, 2), v[prompt, :, slot].transpose(1, 2)) for k, v in self.deep]
+        with da.prefixes(prefixes, keep):
+            hidden = base.family.run_packed(base, packing.pack(embeds), packing.mask(), packing.positions)
+        return packing.unpack(hidden)
 
     def _verbalized(self, i: int) -> bool:
         return self.prompts[i].task.model.readout.reads_vocabulary

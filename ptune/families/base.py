@@ -60,6 +60,10 @@ class Family:
     label_rows_only: ClassVar[bool] = False
     """The verbalizer multiplies only the label words' rows of the LM head (Gemma's head alone has 168M
     weights) instead of computing logits over the whole vocabulary."""
+    packs_rows: ClassVar[bool] = False
+    """Rows of different lengths may share one sequence (``ptune.packing``): the body takes position ids and a ready
+    4D mask, and its attention depends on nothing else across the sequence. Not a decoder (a generation cache and
+    left padding) nor seq2seq (the decoder would need a packed cross-attention mask too), so far."""
     peft_task_type: ClassVar[str]
     """PEFT's ``task_type`` for an exported adapter."""
     peft_prefix_export: ClassVar[bool] = False
@@ -113,6 +117,13 @@ class Family:
         """The backbone's forward on prompt-filled embeddings; returns what ``answer_logits`` reads: here the
         body's hidden states [B, L, H]."""
         return pm.hidden_states(embeds, attention_mask)
+
+    def run_packed(
+        self, pm: PromptModel, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """``run`` on packed sequences (``packs_rows``): ``mask`` [bins, 1, W, W] block-diagonal, ``positions``
+        restarting at every row."""
+        return pm.hidden_states(embeds, mask, positions)
 
     def run_hidden(self, pm: PromptModel, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The hidden states [B, L, H] a linear head (template.readout=head) pools."""

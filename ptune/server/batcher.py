@@ -3,8 +3,9 @@ become mixed batches.
 
 Requests wait in one FIFO. The worker takes the first, then keeps taking more until the batch holds ``max_batch``
 rows or ``max_wait`` seconds have passed since it took the first (under load the queue is already full and the wait
-is never spent). Classification rows of any mix of prompts run through ``PromptServer.score_encoded`` in forwards of
-similar lengths (``length_chunks``). Completion rows of any mix of prompts
+is never spent). Classification rows of any mix of prompts run through ``PromptServer.score_encoded``: in one
+packed forward where the family packs rows (``ptune.packing``), else in forwards of similar lengths
+(``length_chunks``). Completion rows of any mix of prompts
 decode together in one batch with the cache (``decode.decode_rows``: per-row soft vectors and deep prefixes), except
 those of prompts whose readout cannot mix (``Readout.decodes_mixed``), which decode one prompt at a time. Changes to
 the set of prompts (POST/DELETE /v1/models) travel in the same FIFO and are applied by the worker between two
@@ -189,7 +190,11 @@ class Batcher:
                        [x for p in parts for x in p.labels])
         self.metrics.batch(len(data))
         scores: list = [None] * len(data)
-        for idx in length_chunks([len(r) for r in data.input_ids], self.max_batch):
+        if server.packs_rows:  # one packed forward computes about the real tokens only (ptune/packing.py)
+            chunks = [list(range(len(data)))]
+        else:
+            chunks = length_chunks([len(r) for r in data.input_ids], self.max_batch)
+        for idx in chunks:
             part = Encoded([data.input_ids[k] for k in idx], [data.answer_pos[k] for k in idx],
                            [data.labels[k] for k in idx])
             for k, s in zip(idx, server.score_encoded(part, batch_size=len(idx)), strict=True):
@@ -234,9 +239,10 @@ CHUNK_OVERHEAD = 64  # what one more forward costs, in padded tokens (Python and
 
 
 def length_chunks(lengths: list[int], max_rows: int) -> list[list[int]]:
-    """Rows split into forwards of similar lengths: arrivals are not sorted like ``ptune predict``'s whole input, and
-    a batch padded to its longest row spends half its work on padding. Sorted by length, cut where the padded tokens
-    saved outweigh the cost of one more forward (dynamic programming over the cut points, at most ``max_rows`` each)."""
+    """Rows split into forwards of similar lengths, for families that cannot pack rows: arrivals are not sorted like
+    ``ptune predict``'s whole input, and a batch padded to its longest row spends half its work on padding. Sorted by
+    length, cut where the padded tokens saved outweigh the cost of one more forward (dynamic programming over the cut
+    points, at most ``max_rows`` each)."""
     order = sorted(range(len(lengths)), key=lambda k: lengths[k])
     sizes = [lengths[k] for k in order]
     n = len(sizes)

@@ -29,7 +29,7 @@ IMPLEMENTATION = "ptune_sdpa"
 @dataclass
 class _State:
     prefixes: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per site: key, value [B, H, P, D]
-    prefix_mask: torch.Tensor | None = None  # [B, P] bool, False = padding slot of a row with a shorter prefix
+    prefix_mask: torch.Tensor | None = None  # [B, P] or [B, L, P] bool, False = a slot this row/token skips
     record: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # site -> (key, value) seen
     keep_grad: bool = False  # recorded keys/values stay in the autograd graph (shared-prefix forward)
 
@@ -71,11 +71,11 @@ def _extend(module, query, key, value, pk, pv, mask, kwargs, keep=None):
         if mask is None:
             mask = torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=key.device)
         mask = mask.expand(b, mask.shape[1], q_len, k_len)
-        if mask.dtype == torch.bool:
-            left = keep.to(key.device)[:, None, None, :]
-        else:
-            left = torch.zeros(keep.shape, dtype=mask.dtype, device=key.device)
-            left = left.masked_fill(~keep.to(key.device), torch.finfo(mask.dtype).min)[:, None, None, :]
+        keep = keep.to(key.device)
+        if mask.dtype != torch.bool:
+            keep = torch.zeros(keep.shape, dtype=mask.dtype, device=key.device).masked_fill(
+                ~keep, torch.finfo(mask.dtype).min)
+        left = keep[:, None] if keep.dim() == 3 else keep[:, None, None, :]  # per query (packed rows) or per row
         mask = torch.cat([left.expand(b, mask.shape[1], q_len, p), mask], dim=-1)
     elif mask is not None:
         mask = F.pad(mask, (p, 0), value=True if mask.dtype == torch.bool else 0.0)
@@ -138,8 +138,9 @@ def _activated(state: _State | None) -> Iterator[None]:
 def prefixes(
     per_site: list[tuple[torch.Tensor, torch.Tensor]] | None, mask: torch.Tensor | None = None
 ) -> Iterator[None]:
-    """``mask`` [B, P] (optional, bool): which prefix slots each row attends to, for rows whose prompts have
-    different prefix lengths padded to the longest."""
+    """``mask`` (optional, bool): which prefix slots each row attends to: [B, P] for rows whose prompts have
+    different prefix lengths padded to the longest, [B, L, P] per token where one sequence packs several rows
+    (``ptune.packing``)."""
     with _activated(_State(prefixes=per_site, prefix_mask=mask)):
         yield
 
