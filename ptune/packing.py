@@ -6,12 +6,12 @@ into forwards of similar lengths leaves 1.18x but needs 3.6x as many forwards, e
 serve``'s ``length_chunks``). Packed, rows sit end to end in sequences ("bins") as wide as the longest row, and one
 forward computes about the real tokens only:
 
-* a block-diagonal mask keeps every row's tokens attending to their own row (and to their own prompt's deep
-  prefix, gathered per bin by ``prefix_slots``);
+* a block-diagonal mask keeps every row's tokens attending to their own row (causal within it for a decoder), and
+  to their own prompt's deep prefix, gathered per bin by ``prefix_slots``;
 * position ids restart at every row;
 
 so each row computes what it computes padded, up to float rounding. ``unpack`` puts the hidden states back in the
-padded layout, so readouts read them as before.
+padded layout (left or right padded), so readouts read them as before.
 
 Only a family whose body takes position ids and a ready 4D mask, and whose attention sees nothing but the mask and
 relative distances, can pack (``Family.packs_rows``).
@@ -30,7 +30,7 @@ little, and a length-sorted batch (``ptune predict``) saves nothing."""
 
 @dataclass
 class Packing:
-    """Where every real token of a right-padded [B, W] batch sits in [bins, W] packed sequences."""
+    """Where every real token of a padded [B, W] batch sits in [bins, W] packed sequences."""
 
     rows: list[list[int]]  # the batch rows in each bin, in order
     width: int
@@ -39,14 +39,18 @@ class Packing:
     segment: torch.Tensor  # [bins, W]: the batch row of each packed slot, -1 on the filler after a bin's last row
     positions: torch.Tensor  # [bins, W]: each token's position in its own row
     real: torch.Tensor  # [B, W] bool: the padded batch's real tokens
+    causal: bool  # a token sees the earlier tokens of its row only
 
     @property
     def bins(self) -> int:
         return len(self.rows)
 
     def mask(self) -> torch.Tensor:
-        """[bins, 1, W, W] bool: a token sees the tokens of its own row; the filler sees itself (no empty row)."""
+        """[bins, 1, W, W] bool: a token sees the tokens of its own row (the earlier ones only where ``causal``); the
+        filler sees itself (no empty row)."""
         same = self.segment[:, :, None] == self.segment[:, None, :]
+        if self.causal:
+            same &= torch.ones(self.width, self.width, dtype=torch.bool, device=same.device).tril()
         return same[:, None]
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
@@ -78,15 +82,18 @@ def bins_of(lengths: list[int], width: int) -> list[list[int]]:
     return bins
 
 
-def plan(attention_mask: torch.Tensor) -> Packing | None:
-    """The packing of a right-padded batch (``attention_mask`` [B, W]), or None where it would not save enough
-    (``WORTH_PACKING``) or a row is left padded."""
+def plan(attention_mask: torch.Tensor, causal: bool = False) -> Packing | None:
+    """The packing of a padded batch (``attention_mask`` [B, W], padded on either side), or None where it would not
+    save enough (``WORTH_PACKING``) or a row's tokens are not in one piece."""
     b, width = attention_mask.shape
-    counts = attention_mask.sum(1)
-    right_padded = torch.equal(attention_mask.bool(), torch.arange(width, device=counts.device)[None] < counts[:, None])
-    if b < 2 or not right_padded or int(counts.min()) == 0:
+    real = attention_mask.bool()
+    counts, starts = real.sum(1), real.long().argmax(1)  # the first real token of each row
+    cols = torch.arange(width, device=real.device)[None]
+    if b < 2 or int(counts.min()) == 0:
         return None
-    lengths = counts.tolist()
+    if not torch.equal(real, (cols >= starts[:, None]) & (cols < (starts + counts)[:, None])):
+        return None  # padding inside a row
+    lengths, first = counts.tolist(), starts.tolist()
     rows = bins_of(lengths, width)
     if len(rows) * width > WORTH_PACKING * b * width:
         return None
@@ -96,8 +103,8 @@ def plan(attention_mask: torch.Tensor) -> Packing | None:
         seg, pos, at = [], [], 0
         for r in members:
             for p in range(lengths[r]):
-                take.append(r * width + p)
-                back[r * width + p] = n * width + at + p
+                take.append(r * width + first[r] + p)
+                back[r * width + first[r] + p] = n * width + at + p
             seg += [r] * lengths[r]
             pos += range(lengths[r])
             at += lengths[r]
@@ -114,7 +121,8 @@ def plan(attention_mask: torch.Tensor) -> Packing | None:
         torch.tensor(back, device=dev),
         torch.tensor(segment, device=dev),
         torch.tensor(positions, device=dev),
-        attention_mask.bool(),
+        real,
+        causal,
     )
 
 

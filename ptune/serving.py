@@ -274,7 +274,7 @@ class PromptServer:
         else:
             vectors = self.soft[pidx]
         embeds = base.embed(input_ids, vectors)
-        packing = packed.plan(attention_mask) if self.packs_rows else None
+        packing = packed.plan(attention_mask, base.family.causal_attention) if self.packs_rows else None
         if packing is not None:
             states = self._run_packed(packing, pidx, embeds)
         else:

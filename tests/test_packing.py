@@ -34,15 +34,30 @@ def test_rows_are_laid_end_to_end_with_their_own_positions_and_mask():
     assert (back[~real] == 0).all()
 
 
+def test_left_padded_rows_pack_and_a_decoder_sees_only_earlier_tokens_of_its_row():
+    lengths = [10, 2, 3, 5]
+    left = right_padded(lengths).flip(1)  # a decoder's batch: padding on the left
+    plan = packing.plan(left, causal=True)
+    assert plan.rows == [[0], [3, 2, 1]] and plan.positions[1].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1]
+    x = torch.randn(4, 10, 3)
+    real = left.bool()
+    torch.testing.assert_close(plan.pack(x)[1, :5], x[3, 5:])  # row 3's 5 tokens sit at the end of its padded row
+    back = plan.unpack(plan.pack(x))
+    torch.testing.assert_close(back[real], x[real])
+    assert (back[~real] == 0).all()
+    mask = plan.mask()[1, 0]
+    assert mask[6, 5:7].all() and not mask[6, 7] and not mask[6, :5].any()  # row 2's 2nd token: its 1st and itself
+
+
 @pytest.mark.parametrize(
     "mask",
     [
         right_padded([7, 7, 7]),  # no padding to save
         right_padded([7]),  # one row
-        right_padded([7, 2, 3]).flip(1),  # left padded
+        torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 0, 0], [1, 0, 0, 0, 0]]),  # padding inside a row
         torch.tensor([[1, 1, 1], [0, 0, 0], [1, 0, 0]]),  # an empty row
     ],
-    ids=["equal", "one-row", "left-padded", "empty-row"],
+    ids=["equal", "one-row", "hole", "empty-row"],
 )
 def test_batches_that_would_not_gain_stay_padded(mask):
     assert packing.plan(mask) is None
@@ -59,17 +74,19 @@ def test_each_token_sees_only_its_own_rows_prefix():
     assert keep[0, :6].all()
 
 
-def test_packed_mixed_batch_equals_padded(tiny_models, tmp_path, monkeypatch, amp):
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_packed_mixed_batch_equals_padded(tiny_models, tmp_path, monkeypatch, amp, kind):
     """Soft prompts, P-tuning v1 (soft slots inside the text), v2 and prefix tuning (deep prefixes of different
-    lengths) and a mean-pooled head, mixed in one batch of rows of different lengths."""
-    paths = [str(p) for p in make_prompts(tiny_models, "bert", tmp_path)]
+    lengths) and a mean-pooled head, mixed in one batch of rows of different lengths: right padded on an encoder,
+    left padded on a decoder (causal within each row)."""
+    paths = [str(p) for p in make_prompts(tiny_models, kind, tmp_path)]
     precision = "fp32" if amp is None else "bf16"
     packed_server = PromptServer(paths, precision=precision)
     padded_server = PromptServer(paths, precision=precision, pack=False)
     assert packed_server.packs_rows and not padded_server.packs_rows
     plans = []
     plan = packing.plan
-    monkeypatch.setattr(packing, "plan", lambda mask: plans.append(plan(mask)) or plans[-1])
+    monkeypatch.setattr(packing, "plan", lambda *a: plans.append(plan(*a)) or plans[-1])
     sentences = [*SENTENCES, "bad", SENTENCES[1] + " " + SENTENCES[2]]
     requests = [(i, {"text_a": s}) for s in sentences for i in range(len(paths))]
     got = packed_server.scores(requests, batch_size=len(requests))

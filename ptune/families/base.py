@@ -61,9 +61,9 @@ class Family:
     """The verbalizer multiplies only the label words' rows of the LM head (Gemma's head alone has 168M
     weights) instead of computing logits over the whole vocabulary."""
     packs_rows: ClassVar[bool] = False
-    """Rows of different lengths may share one sequence (``ptune.packing``): the body takes position ids and a ready
-    4D mask, and its attention depends on nothing else across the sequence. Not a decoder (a generation cache and
-    left padding) nor seq2seq (the decoder would need a packed cross-attention mask too), so far."""
+    """Rows of different lengths may share one sequence to score classes (``ptune.packing``): the body takes position
+    ids and a ready 4D mask, and its attention depends on nothing else across the sequence. Not seq2seq: the decoder
+    would need a packed cross-attention mask too."""
     peft_task_type: ClassVar[str]
     """PEFT's ``task_type`` for an exported adapter."""
     peft_prefix_export: ClassVar[bool] = False

@@ -19,7 +19,7 @@ class EncoderFamily(Family):
     head_optional: ClassVar[bool] = True
     generates_answer: ClassVar[bool] = False
     peft_head_export: ClassVar[bool] = True
-    packs_rows: ClassVar[bool] = True  # bidirectional, positions from position_ids (absolute or relative)
+    packs_rows: ClassVar[bool] = True  # positions from position_ids (absolute or relative)
     peft_task_type: ClassVar[str] = "FEATURE_EXTRACTION"  # PEFT has no masked-LM task; it returns the MLM's logits
     answer_description: ClassVar[str] = "logits at the [MASK] position"
 
