@@ -8,9 +8,9 @@ The backbone is loaded once. Every request names the prompt it wants; a batch ma
 * deep prompts (P-tuning v2, prefix tuning): per-row key/value prefixes, padded to the longest prompt with the
   padding slots masked out (``deep_attention.prefixes(..., mask)``);
 * readouts per row group: each checkpoint's verbalizer (or [CLS] head) reads its own rows;
-* on families that pack rows (encoders), a batch whose rows differ in length runs packed (``ptune.packing``): rows
-  end to end in a few sequences, each sequence attending to its own rows' deep prefixes, the hidden states put back
-  in the padded layout for the readouts.
+* on families that pack rows (encoders, decoders), a batch whose rows differ in length runs packed
+  (``ptune.packing``): rows end to end in a few sequences, each sequence attending to its own rows' deep prefixes,
+  the hidden states put back in the padded layout for the readouts.
 
 ``padded_tables`` stacks the prompts' soft vectors and prefixes; ``ptune serve``'s completions stack them the same
 way to decode rows of several generate prompts in one batch (ptune/server/decode.py).
@@ -267,31 +267,17 @@ class PromptServer:
 
     def _mixed(self, pidx, input_ids, attention_mask, answer_pos) -> list[tuple[torch.Tensor, torch.Tensor]]:
         base = self.base
-        single = len(set(pidx.tolist())) == 1
-        first = int(pidx[0])
-        if single:  # batch dim 1, broadcast: exactly the single-prompt computation
-            vectors = self.soft[first : first + 1].expand(len(pidx), -1, -1)
+        used = sorted(set(pidx.tolist()))
+        if len(used) == 1:  # batch dim 1, broadcast: exactly the single-prompt computation
+            vectors = self.soft[used[0] : used[0] + 1].expand(len(pidx), -1, -1)
         else:
             vectors = self.soft[pidx]
         embeds = base.embed(input_ids, vectors)
         packing = packed.plan(attention_mask, base.family.causal_attention) if self.packs_rows else None
         if packing is not None:
-            states = self._run_packed(packing, pidx, embeds)
+            states = self._run_packed(packing, pidx, used, embeds)
         else:
-            prefixes, keep = None, None
-            lengths = {self.prefix_len[i] for i in set(pidx.tolist())}
-            if self.deep is not None and lengths != {0}:
-                if single:
-                    p = self.prefix_len[first]
-                    prefixes = [(k[first : first + 1, :, :p], v[first : first + 1, :, :p]) for k, v in self.deep]
-                else:
-                    p = max(lengths)
-                    prefixes = [(k[pidx, :, :p], v[pidx, :, :p]) for k, v in self.deep]
-                    if len(lengths) > 1:
-                        keep = self.keep[pidx, :p]
-            with da.prefixes(prefixes, keep):
-                states = base.family.run(base, embeds, attention_mask)
-        used = sorted(set(pidx.tolist()))
+            states = self._run_padded(pidx, used, embeds, attention_mask)
         # Where the family reads the whole vocabulary (MLM head, seq2seq decoder), one call covers every
         # verbalizer row: the head's [vocab, H] weight is read once per batch.
         shared = [] if base.family.label_rows_only else [i for i in used if self._verbalized(i)]
@@ -316,17 +302,35 @@ class PromptServer:
         """Whether mixed batches run packed (``ptune.packing``): rows of different lengths end to end, not padded."""
         return self.pack and self.base.family.packs_rows and self.base.takes_positions
 
-    def _run_packed(self, packing: packed.Packing, pidx: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    def _run_padded(self, pidx: torch.Tensor, used: list[int], embeds: torch.Tensor, attention_mask: torch.Tensor
+                    ) -> torch.Tensor:
+        """The hidden states of a padded forward; each row attends to its prompt's deep prefix, padded to the batch's
+        longest with the padding slots masked out."""
+        prefixes, keep = None, None
+        lengths = {self.prefix_len[i] for i in used}
+        if self.deep is not None and lengths != {0}:
+            if len(used) == 1:  # batch dim 1, broadcast
+                i, p = used[0], self.prefix_len[used[0]]
+                prefixes = [(k[i : i + 1, :, :p], v[i : i + 1, :, :p]) for k, v in self.deep]
+            else:
+                p = max(lengths)
+                prefixes = [(k[pidx, :, :p], v[pidx, :, :p]) for k, v in self.deep]
+                if len(lengths) > 1:
+                    keep = self.keep[pidx, :p]
+        with da.prefixes(prefixes, keep):
+            return self.base.family.run(self.base, embeds, attention_mask)
+
+    def _run_packed(self, packing: packed.Packing, pidx: torch.Tensor, used: list[int], embeds: torch.Tensor
+                    ) -> torch.Tensor:
         """The hidden states of a packed forward, in the padded layout; each bin attends to the deep prefixes of its
         own rows' prompts, one after another."""
-        base, prefixes, keep = self.base, None, None
-        prompt_of_row = pidx.tolist()
-        if self.deep is not None and any(self.prefix_len[i] for i in set(prompt_of_row)):
-            prompt, slot, keep = packed.prefix_slots(packing, prompt_of_row, self.prefix_len)
+        prefixes, keep = None, None
+        if self.deep is not None and any(self.prefix_len[i] for i in used):
+            prompt, slot, keep = packed.prefix_slots(packing, pidx.tolist(), self.prefix_len)
             # [prompts, heads, P_max, D] indexed [bins, P] -> [bins, P, heads, D] -> [bins, heads, P, D]
             prefixes = [(k[prompt, :, slot].transpose(1, 2), v[prompt, :, slot].transpose(1, 2)) for k, v in self.deep]
         with da.prefixes(prefixes, keep):
-            hidden = base.family.run_packed(base, packing.pack(embeds), packing.mask(), packing.positions)
+            hidden = self.base.family.run_packed(self.base, packing.pack(embeds), packing.mask(), packing.positions)
         return packing.unpack(hidden)
 
     def _verbalized(self, i: int) -> bool:
