@@ -46,9 +46,11 @@ from .runtime import (
     settle_backbone_dtype,
 )
 
-# Called on rank 0 after each evaluation with (step, value of trainer.metric, training examples seen so far);
-# returning True stops the run there, as early stopping does (``ptune search`` prunes trials through it).
-EvalHook = Callable[[int, float, int], bool]
+# Called on rank 0 after each evaluation with (step, value of trainer.metric, training examples seen so far, whether
+# it is the run's last evaluation); returning True stops the run there, as early stopping does (``ptune search``
+# prunes trials through it). At the last evaluation the run ends anyway: the hook is told so that it can record the
+# value without stopping what has already finished.
+EvalHook = Callable[[int, float, int, bool], bool]
 
 
 def run_training(cfg: DictConfig, out_dir: Path, on_eval: EvalHook | None = None) -> dict:
@@ -351,8 +353,8 @@ def evaluate_and_keep_best(run: Run, loop: LoopState, loss: float) -> bool:
     else:
         loop.bad_evals += 1
         stop = bool(tr.early_stopping_patience and loop.bad_evals >= tr.early_stopping_patience)
-    stopped_by_hook = not stop and run.on_eval is not None and run.on_eval(loop.step, res[tr.metric],
-                                                                          loop.train_examples)
+    stopped_by_hook = not stop and run.on_eval is not None and run.on_eval(
+        loop.step, res[tr.metric], loop.train_examples, loop.step >= tr.max_steps)
     if calibrate:
         calibration.reset(task)  # the prompt trains on raw scores; the next eval recalibrates
     if run.d.enabled:

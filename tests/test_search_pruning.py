@@ -76,6 +76,27 @@ def test_a_trailing_trial_is_pruned_keeps_a_valid_folder_and_a_resumed_search_pr
     assert (folder / "trial_002" / "PRUNED").is_file()
 
 
+def test_a_trial_is_never_pruned_at_its_last_evaluation(tiny_models, tiny_csv, tmp_path):
+    """The same trailing MLM trial as above, evaluated only at its last step: the median pruner would stop it
+    there, but it has spent all its steps, so it is recorded COMPLETE (its value reported all the same)."""
+    from optuna.trial import TrialState
+
+    folder = tmp_path / "search"
+    space = [f"+hparams_search={_space(tmp_path, 'template: {type: categorical, choices: [sst2_head, sst2_mlm]}')}",
+             f"search.dir={folder}", "search.seed=11", "search.n_startup_trials=10", "search.pruner=median",
+             "search.pruner_args={n_startup_trials: 1}", "search.n_trials=2"]
+    args = [*_args(tiny_models, tiny_csv, "dataset.validation=6", "trainer.lr=1e-9", "trainer.head_lr=1e-9"),
+            "trainer.eval_every=4"]
+    res = ptune("search", *space, *args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    study = _study(folder)
+    assert [t.params["template"] for t in study.trials] == ["sst2_head", "sst2_mlm"], "sampler order changed"
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    mlm = study.trials[1]
+    assert mlm.intermediate_values == {4: mlm.value} and mlm.value < 0.5  # trails the median, yet complete
+    assert not (folder / mlm.user_attrs["run_dir"] / "PRUNED").exists() and "pruned" not in res.stdout
+
+
 def test_budgets_stop_between_trials_and_the_report_shows_compute(tiny_models, tiny_csv, tmp_path):
     """Each trial takes 4 steps of 4 examples (20 training examples left by the hold-out: no short batch).
     search.max_examples=20 lets a second trial start (16 spent) and no third (32); search.timeout=0.01 lets the

@@ -1,11 +1,13 @@
 """`ptune search`'s pruning and budgets: the Optuna pruner of ``search.pruner``, the evaluation hook that reports
 each held-out evaluation of a trial to it, the compute each trial spent, and the budgets that stop a search.
 
-Pruning: the training loop (ptune/training.py) calls ``on_eval(step, value, examples)`` after each evaluation and
-stops when it returns True, exactly as early stopping does: the best checkpoint so far and results.json are
+Pruning: the training loop (ptune/training.py) calls ``on_eval(step, value, examples, last)`` after each evaluation
+and stops when it returns True, exactly as early stopping does: the best checkpoint so far and results.json are
 written, so a pruned trial's folder is a normal run folder; the search then marks it ``PRUNED`` and tells Optuna
-``TrialState.PRUNED``. The loop knows nothing of Optuna. The pruner is rebuilt from the saved ``search.yaml``
-when a search is resumed, so it prunes against the same settings.
+``TrialState.PRUNED``. The last evaluation is reported and never pruned: the trial has run all its steps, so
+stopping it would save nothing and only turn a finished result into a pruned one. The loop knows nothing of
+Optuna. The pruner is rebuilt from the saved ``search.yaml`` when a search is resumed, so it prunes against the
+same settings.
 
 Budgets (``search.timeout``, ``search.max_examples``) are checked between trials only: a trial that has started
 runs to its end (or its pruning), so a search may pass its budget by at most one trial.
@@ -54,10 +56,10 @@ class EvalReporter:
     value: float = float("nan")
     started: float = field(default_factory=time.perf_counter)
 
-    def __call__(self, step: int, value: float, examples: int) -> bool:
+    def __call__(self, step: int, value: float, examples: int, last: bool) -> bool:
         self.steps, self.examples, self.value = step, examples, value
-        self.trial.report(value, step)
-        if self.trial.should_prune():
+        self.trial.report(value, step)  # the last value too: later trials are judged against it at this step
+        if not last and self.trial.should_prune():  # pruning at the last step would save nothing, lose a result
             self.pruned_at = step
             return True
         return False
