@@ -32,20 +32,28 @@ def _study(folder: Path):
     return optuna.load_study(study_name="ptune", storage=f"sqlite:///{folder / 'optuna.db'}")
 
 
-def test_a_trailing_trial_is_pruned_keeps_a_valid_folder_and_a_resumed_search_prunes(tiny_models, tiny_csv,
-                                                                                      tmp_path):
-    """lr 1e-9 leaves every prompt as initialised, so each trial's held-out accuracy is flat: 0.5 with the head
-    template, 1/3 with the MLM one (the hopeless configuration). With the median pruner told to start after one
-    complete trial, an MLM trial trails the median at its first evaluation (step 2 of 4) and is pruned there."""
-    from optuna.trial import TrialState
-
+def _trailing_search(tiny_models, tiny_csv, tmp_path: Path, *extra: str):
+    """A 2-trial search whose second trial cannot keep up; returns its folder and the finished process. lr 1e-9
+    leaves every prompt as initialised, so each trial's held-out accuracy is flat: 0.5 with the head template, 1/3
+    with the MLM one (the hopeless configuration), and search.seed=11 draws the head template first. The median
+    pruner is told to start after one complete trial."""
     folder = tmp_path / "search"
     space = [f"+hparams_search={_space(tmp_path, 'template: {type: categorical, choices: [sst2_head, sst2_mlm]}')}",
              f"search.dir={folder}", "search.seed=11", "search.n_startup_trials=10", "search.pruner=median",
              "search.pruner_args={n_startup_trials: 1}", "search.n_trials=2"]
-    args = _args(tiny_models, tiny_csv, "dataset.validation=6", "trainer.lr=1e-9", "trainer.head_lr=1e-9")
+    args = _args(tiny_models, tiny_csv, "dataset.validation=6", "trainer.lr=1e-9", "trainer.head_lr=1e-9", *extra)
     res = ptune("search", *space, *args, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
+    return folder, res
+
+
+def test_a_trailing_trial_is_pruned_keeps_a_valid_folder_and_a_resumed_search_prunes(tiny_models, tiny_csv,
+                                                                                      tmp_path):
+    """The MLM trial of ``_trailing_search`` trails the median at its first evaluation (step 2 of 4) and is pruned
+    there."""
+    from optuna.trial import TrialState
+
+    folder, res = _trailing_search(tiny_models, tiny_csv, tmp_path)
     study = _study(folder)
     # search.seed=11 draws sst2_head, then sst2_mlm (then sst2_mlm again once resumed): the order this test needs
     assert [t.params["template"] for t in study.trials] == ["sst2_head", "sst2_mlm"], "sampler order changed"
@@ -77,18 +85,11 @@ def test_a_trailing_trial_is_pruned_keeps_a_valid_folder_and_a_resumed_search_pr
 
 
 def test_a_trial_is_never_pruned_at_its_last_evaluation(tiny_models, tiny_csv, tmp_path):
-    """The same trailing MLM trial as above, evaluated only at its last step: the median pruner would stop it
-    there, but it has spent all its steps, so it is recorded COMPLETE (its value reported all the same)."""
+    """The trailing MLM trial of ``_trailing_search``, evaluated only at its last step: the median pruner would stop
+    it there, but it has spent all its steps, so it is recorded COMPLETE (its value reported all the same)."""
     from optuna.trial import TrialState
 
-    folder = tmp_path / "search"
-    space = [f"+hparams_search={_space(tmp_path, 'template: {type: categorical, choices: [sst2_head, sst2_mlm]}')}",
-             f"search.dir={folder}", "search.seed=11", "search.n_startup_trials=10", "search.pruner=median",
-             "search.pruner_args={n_startup_trials: 1}", "search.n_trials=2"]
-    args = [*_args(tiny_models, tiny_csv, "dataset.validation=6", "trainer.lr=1e-9", "trainer.head_lr=1e-9"),
-            "trainer.eval_every=4"]
-    res = ptune("search", *space, *args, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
+    folder, res = _trailing_search(tiny_models, tiny_csv, tmp_path, "trainer.eval_every=4")
     study = _study(folder)
     assert [t.params["template"] for t in study.trials] == ["sst2_head", "sst2_mlm"], "sampler order changed"
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
