@@ -89,22 +89,28 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 
-def _columns(prompt, name: str) -> list[str]:
-    """Where a template field may be found in an input object: its own name, then the data set's column."""
-    cands = [name]
-    fields = prompt.cfg.dataset.get("fields")
-    if isinstance(fields, Mapping) and fields.get(name):
-        cands.append(str(fields[name]))
-    builtin = builtin_columns(str(prompt.cfg.dataset.get("name")))  # sst2: text_a -> sentence, cb: -> premise
-    if name in builtin:
-        cands.append(builtin[name])
-    return list(dict.fromkeys(cands))
+def input_columns(cfg, fields: Sequence[str]) -> dict[str, list[str]]:
+    """Where each template field may be found in an input object: its own name, then the data set's column. Read
+    once per checkpoint (``ServedPrompt.columns``): going through the omegaconf config for every input cost
+    ``ptune serve`` a fifth of its HTTP time per request."""
+    mapped = cfg.dataset.get("fields")
+    builtin = builtin_columns(str(cfg.dataset.get("name")))  # sst2: text_a -> sentence, cb: -> premise
+    out = {}
+    for name in fields:
+        cands = [name]
+        if isinstance(mapped, Mapping) and mapped.get(name):
+            cands.append(str(mapped[name]))
+        if name in builtin:
+            cands.append(builtin[name])
+        out[name] = list(dict.fromkeys(cands))
+    return out
 
 
 def example_for(prompt, obj: Mapping[str, Any], where: str) -> dict[str, str]:
+    """The example ``prompt``'s template renders from one input object (``prompt.columns``: where each field is)."""
     out = {}
-    for name in prompt.fields:
-        for col in _columns(prompt, name):
+    for name, columns in prompt.columns.items():
+        for col in columns:
             if col in obj and obj[col] is not None:
                 out[name] = str(obj[col])
                 break
@@ -226,7 +232,8 @@ def predict_generate(paths, inputs, overrides, batch_size: int, device: str | No
         task, cfg, ckpt, _ = load_task(p, list(overrides))
         task.model.readout.check_prediction(True, p)
         fields = task.renderer.template.field_names
-        prompts.append(SimpleNamespace(name=p, checkpoint=str(ckpt), task=task, cfg=cfg, fields=fields))
+        prompts.append(SimpleNamespace(name=p, checkpoint=str(ckpt), task=task, cfg=cfg, fields=fields,
+                                       columns=input_columns(cfg, fields)))
     requests: list[list[tuple[int, dict]]] = [[] for _ in prompts]
     for n, obj in enumerate(inputs):
         where = f"{source} line {n + 1}"

@@ -61,6 +61,13 @@ class ServedPrompt:
     def fields(self) -> list[str]:
         return self.task.renderer.template.fields
 
+    @functools.cached_property
+    def columns(self) -> dict[str, list[str]]:
+        """Where each template field may be found in an input object (``predict.input_columns``), read once."""
+        from .predict import input_columns
+
+        return input_columns(self.cfg, self.fields)
+
     @property
     def mixable(self) -> bool:
         """False for readouts that need their own forward (``Readout.mixable``: multi_token=full, a seq2seq head)."""

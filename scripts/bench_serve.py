@@ -2,6 +2,7 @@
 against offline `ptune predict` of the same inputs.
 
     python scripts/bench_serve.py RUN [RUN ...] [--clients 16] [--requests 600] [--seconds 60] [--max-batch 32]
+                                  [--rounds 1]
 
 RUNs are what `ptune serve` takes (run folders, or a folder of runs). Each request classifies one SST-2 dev sentence
 (in file order, cycled) with prompt k mod M. Three measurements, each bounded by --requests and --seconds:
@@ -16,6 +17,10 @@ RUNs are what `ptune serve` takes (run folders, or a folder of runs). Each reque
 Reports throughput (requests/s), p50/p99 latency, the mean rows per batch and the share of the time the model was
 busy (both from /metrics), and checks that the served answers agree with the offline ones (labels, largest
 probability difference).
+
+``--rounds K`` repeats the three measurements K times, interleaved (served, one at a time, offline; then again), and
+reports each round's ratios and their medians: this machine's speed drifts by a quarter within minutes, so a ratio
+is only as good as the nearness of its two measurements.
 """
 
 from __future__ import annotations
@@ -238,35 +243,8 @@ def compare(answers: dict[int, dict], ref: dict[int, dict]) -> dict:
     return {"labels_equal": f"{agree}/{len(diffs)}", "max_prob_diff": max(diffs, default=0.0)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+")
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--requests", type=int, default=600)
-    ap.add_argument("--seconds", type=float, default=60, help="time limit of each measurement")
-    ap.add_argument("--max-batch", type=int, default=32)
-    ap.add_argument("--max-wait-ms", type=float, default=5)
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("PTUNE_DATA", "/work/shared/data")))
-    ap.add_argument("--threads", type=int, default=0, help="intra-op threads, the same for all three (0: all cores)")
-    ap.add_argument("--json", type=Path, help="also write the figures to this file")
-    ap.add_argument("--offline-into", type=Path, help=argparse.SUPPRESS)  # the offline measurement, in its own process
-    ap.add_argument("--completions", type=int, default=0, metavar="MAX_TOKENS",
-                    help="generate prompts: POST /v1/completions (greedy, this max_tokens) instead of /v1/classify")
-    args = ap.parse_args()
-    os.environ.setdefault("PTUNE_DATA", str(args.data))
-    texts = sentences(args.data, args.requests)
-    from ptune.commands.serve import expand_runs
-
-    m = len(expand_runs(args.runs))
-    jobs = [(str(k % m), t) for k, t in enumerate(texts)]
-    if args.offline_into:
-        if args.completions:
-            result = offline_generate(args.runs, jobs, args.max_batch, args.completions, args.threads)
-        else:
-            result = offline(args.runs, jobs, args.max_batch, args.threads)
-        args.offline_into.write_text(json.dumps(result))
-        return
-    flags = ["--max-queue", str(4 * args.clients), "--max-inputs", "1", "--threads", str(args.threads)]
+def one_round(args, flags: list[str], jobs: list[tuple[str, str]]) -> dict:
+    """Served, one at a time, and offline, one after the other, and their ratios."""
     batched = served_run(args.runs, [*flags, "--max-batch", str(args.max_batch), "--max-wait-ms",
                                      str(args.max_wait_ms)], jobs, args.clients, args.seconds, args.completions)
     single = served_run(args.runs, [*flags, "--max-batch", "1", "--max-wait-ms", "0"], jobs, args.clients,
@@ -284,16 +262,60 @@ def main() -> None:
         agreement = compare(batched["answers"], ref)
     for r in (batched, single):
         r.pop("answers")
-    report = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
-                   f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end",
-        "prompts": m, "clients": args.clients, "threads": args.threads or os.cpu_count(),
-        "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+    return {
         "served": batched, "one_at_a_time": single, "offline_predict": off,
         "speedup_vs_one_at_a_time": round(batched["throughput_rps"] / single["throughput_rps"], 2),
         "fraction_of_offline": round(batched["throughput_rps"] / off["throughput_rps"], 2),
         "served_vs_offline": agreement,
     }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=600)
+    ap.add_argument("--seconds", type=float, default=60, help="time limit of each measurement")
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--max-wait-ms", type=float, default=5)
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("PTUNE_DATA", "/work/shared/data")))
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads, the same for all three (0: all cores)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the three measurements this many times, interleaved; report the median ratios")
+    ap.add_argument("--json", type=Path, help="also write the figures to this file")
+    ap.add_argument("--offline-into", type=Path, help=argparse.SUPPRESS)  # the offline measurement, in its own process
+    ap.add_argument("--completions", type=int, default=0, metavar="MAX_TOKENS",
+                    help="generate prompts: POST /v1/completions (greedy, this max_tokens) instead of /v1/classify")
+    args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds} must be at least 1")
+    os.environ.setdefault("PTUNE_DATA", str(args.data))
+    texts = sentences(args.data, args.requests)
+    from ptune.commands.serve import expand_runs
+
+    m = len(expand_runs(args.runs))
+    jobs = [(str(k % m), t) for k, t in enumerate(texts)]
+    if args.offline_into:
+        if args.completions:
+            result = offline_generate(args.runs, jobs, args.max_batch, args.completions, args.threads)
+        else:
+            result = offline(args.runs, jobs, args.max_batch, args.threads)
+        args.offline_into.write_text(json.dumps(result))
+        return
+    flags = ["--max-queue", str(4 * args.clients), "--max-inputs", "1", "--threads", str(args.threads)]
+    rounds = [one_round(args, flags, jobs) for _ in range(args.rounds)]
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+                   f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end",
+        "prompts": m, "clients": args.clients, "threads": args.threads or os.cpu_count(),
+        "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+    }
+    if args.rounds == 1:
+        report.update(rounds[0])
+    else:
+        report["rounds"] = rounds
+        for key in ("speedup_vs_one_at_a_time", "fraction_of_offline"):
+            report[f"median_{key}"] = round(statistics.median(r[key] for r in rounds), 2)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

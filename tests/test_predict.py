@@ -9,7 +9,7 @@ import torch
 
 from ptune.errors import PtuneError
 from ptune.inference import load_task
-from ptune.predict import predict
+from ptune.predict import example_for, input_columns, predict
 
 from .helpers import SENTENCES, batch, logits, make_cfg
 from .test_cli import ptune
@@ -45,6 +45,24 @@ def test_predict_rows_match_each_checkpoint(prompts):
             assert list(r["probs"].values()) == pytest.approx(ref.tolist(), abs=1e-5)
             assert r["label"] == int(ref.argmax()) and r["label_name"] == task.label_names[r["label"]]
             assert sum(r["probs"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_input_columns_accept_the_data_sets_own_column_names():
+    """A template field is found under its own name, then the column ``dataset.fields`` maps it to, then the
+    built-in data set's column (SST-2's "sentence", CB's "premise"/"hypothesis")."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    sst2 = OmegaConf.create({"dataset": {"name": "sst2"}})
+    assert input_columns(sst2, ["text_a"]) == {"text_a": ["text_a", "sentence"]}
+    cb = OmegaConf.create({"dataset": {"name": "cb"}})
+    assert input_columns(cb, ["text_a", "text_b"]) == {"text_a": ["text_a", "premise"],
+                                                       "text_b": ["text_b", "hypothesis"]}
+    own = OmegaConf.create({"dataset": {"name": "csv", "fields": {"text_a": "review"}}})
+    assert input_columns(own, ["text_a", "text_a"]) == {"text_a": ["text_a", "review"]}
+    prompt = SimpleNamespace(columns=input_columns(cb, ["text_a", "text_b"]))
+    assert example_for(prompt, {"premise": "p", "text_b": "h", "other": 1}, "x") == {"text_a": "p", "text_b": "h"}
 
 
 def test_predict_routes_rows_to_named_checkpoint(prompts):

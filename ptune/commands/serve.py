@@ -134,7 +134,8 @@ def _serve(args, runs: list[tuple[str, str]], token: str | None, sock: socket.so
         prompt.name = name  # what error messages call it: the served name, not a path on the server
     models = Models({p.name: p for p in server.prompts})
     metrics = Metrics()
-    batcher = Batcher(server, metrics, args.max_batch, args.max_wait_ms / 1000, args.max_queue, thread=False)
+    batcher = Batcher(server, metrics, args.max_batch, args.max_wait_ms / 1000, args.max_queue, thread=False,
+                      freeze_gc=True)
     limits = Limits(args.max_body_bytes, args.max_inputs, args.max_input_chars, args.max_tokens)
     app = create_app(batcher, models, limits, token, metrics)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
