@@ -1,20 +1,21 @@
-"""Packed forwards: a batch's rows laid end to end in a few shared sequences instead of each padded to the longest.
+"""Packed forwards: a batch's rows laid end to end in one sequence instead of each padded to the longest.
 
 Requests that arrive together have rows of any length. Padded to its longest row, a batch of SST-2 sentences in
 arrival order computes 1.84x its real tokens (``ptune predict`` sorts its whole input by length: 1.02x); cutting it
 into forwards of similar lengths leaves 1.18x but needs 3.6x as many forwards, each with a fixed cost (``ptune
-serve``'s ``length_chunks``). Packed, rows sit end to end in sequences ("bins") as wide as the longest row, and one
-forward computes about the real tokens only:
+serve``'s ``length_chunks``). Packed, the rows sit end to end in one sequence, and every layer but attention (the
+projections, the MLP, the norms: most of the work) computes the real tokens only. Attention runs "varlen": each row
+attends to its own tokens only (earlier ones only for a decoder) and its own prompt's deep prefix, in ``buckets`` of
+rows of similar lengths, each padded to its longest row (``deep_attention.varlen``); position ids restart at every
+row. So each row computes what it computes padded, up to float rounding, and ``unpack`` puts the hidden states back
+in the padded layout (left or right padded) for the readouts.
 
-* a block-diagonal mask keeps every row's tokens attending to their own row (causal within it for a decoder), and
-  to their own prompt's deep prefix, gathered per bin by ``prefix_slots``;
-* position ids restart at every row;
+Before the buckets, rows were packed into bins as wide as the longest row with a block-diagonal mask over each bin:
+1.11x the real tokens, and attention over whole bins (1.7x the pairs of sorted batches). Arrival-order batches of 32
+ran at 0.84 of ``ptune predict``'s sorted batches then (MiniLM, 8 prompts, 2-core AMD EPYC).
 
-so each row computes what it computes padded, up to float rounding. ``unpack`` puts the hidden states back in the
-padded layout (left or right padded), so readouts read them as before.
-
-Only a family whose body takes position ids and a ready 4D mask, and whose attention sees nothing but the mask and
-relative distances, can pack (``Family.packs_rows``).
+Only a family whose body takes position ids and a ready 4D mask, and whose attention goes through ptune's attention
+function (``deep_attention``) and sees nothing but relative distances, can pack (``Family.packs_rows``).
 """
 
 from __future__ import annotations
@@ -24,62 +25,77 @@ from dataclasses import dataclass
 import torch
 
 WORTH_PACKING = 0.9
-"""Pack only when the bins hold at most this share of the padded batch's tokens: the gathers and the mask cost a
-little, and a length-sorted batch (``ptune predict``) saves nothing."""
+"""Pack only when the real tokens are at most this share of the padded batch's: the gathers cost a little, and a
+length-sorted batch (``ptune predict``) saves nothing."""
+
+BUCKET_OVERHEAD = 3000
+"""What one more attention bucket costs, in attention pairs (query x key tokens): its gathers and its kernel call,
+per layer (estimated on CPU from MiniLM's profile: a pair costs ~50 ns over 12 heads, a bucket's ops ~150 us)."""
+
+
+@dataclass
+class Bucket:
+    """Rows of similar lengths whose attention runs as one padded batch."""
+
+    rows: torch.Tensor  # [n]: their batch rows
+    index: torch.Tensor  # [n, L]: where each row's tokens sit in the packed sequence (0 past a row's end)
+    valid: torch.Tensor  # [n, L] bool: a row's real tokens
+    real: torch.Tensor  # [k]: where the real tokens sit in the flattened [n * L] (row by row: the sequence's order)
+    mask: torch.Tensor  # [n, 1, L, L] bool: the keys each query sees (its row's; the earlier ones where causal)
 
 
 @dataclass
 class Packing:
-    """Where every real token of a padded [B, W] batch sits in [bins, W] packed sequences."""
+    """Where every real token of a padded [B, W] batch sits in one packed sequence [1, T], and the attention
+    buckets."""
 
-    rows: list[list[int]]  # the batch rows in each bin, in order
-    width: int
-    take: torch.Tensor  # [bins * W]: for each packed slot, its flat index in the padded [B * W] layout (0 on filler)
-    back: torch.Tensor  # [B * W]: for each padded slot, its flat index in the packed layout (0 on padding)
-    segment: torch.Tensor  # [bins, W]: the batch row of each packed slot, -1 on the filler after a bin's last row
-    positions: torch.Tensor  # [bins, W]: each token's position in its own row
+    take: torch.Tensor  # [T]: for each packed token, its flat index in the padded [B * W] layout
+    back: torch.Tensor  # [B * W]: for each padded slot, its index in the packed sequence (0 on padding)
+    positions: torch.Tensor  # [1, T]: each token's position in its own row
     real: torch.Tensor  # [B, W] bool: the padded batch's real tokens
-    causal: bool  # a token sees the earlier tokens of its row only
+    buckets: list[Bucket]
 
     @property
-    def bins(self) -> int:
-        return len(self.rows)
+    def tokens(self) -> int:
+        return self.take.shape[0]
 
     def mask(self) -> torch.Tensor:
-        """[bins, 1, W, W] bool: a token sees the tokens of its own row (the earlier ones only where ``causal``); the
-        filler sees itself (no empty row)."""
-        same = self.segment[:, :, None] == self.segment[:, None, :]
-        if self.causal:
-            same &= torch.ones(self.width, self.width, dtype=torch.bool, device=same.device).tril()
-        return same[:, None]
+        """[1, 1, T, T] all true, without memory: the body wants a ready 4D mask, and attention ignores it for the
+        buckets' own (``deep_attention.varlen``)."""
+        return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.take.device).expand(1, 1, self.tokens, self.tokens)
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
-        """[B, W, ...] -> [bins, W, ...]."""
+        """[B, W, ...] -> [1, T, ...]."""
         flat = padded.reshape(-1, *padded.shape[2:])
-        return flat[self.take].view(self.bins, self.width, *padded.shape[2:])
+        return flat[self.take].unsqueeze(0)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        """[bins, W, ...] -> [B, W, ...], zeros on padding."""
+        """[1, T, ...] -> [B, W, ...], zeros on padding."""
         flat = packed.reshape(-1, *packed.shape[2:])[self.back]
         out = flat.view(*self.real.shape, *packed.shape[2:])
         keep = self.real.view(*self.real.shape, *([1] * (packed.dim() - 2)))
         return out.masked_fill(~keep, 0)
 
 
-def bins_of(lengths: list[int], width: int) -> list[list[int]]:
-    """First-fit decreasing: rows (longest first) into the first bin with room, ``width`` tokens per bin."""
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for r in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
-        for b, free in enumerate(room):
-            if lengths[r] <= free:
-                bins[b].append(r)
-                room[b] -= lengths[r]
-                break
-        else:
-            bins.append([r])
-            room.append(width - lengths[r])
-    return bins
+def bucket_rows(lengths: list[int]) -> list[list[int]]:
+    """Rows grouped for attention: sorted by length and cut where the attention pairs saved outweigh a bucket's
+    cost (``BUCKET_OVERHEAD``): dynamic programming over the distinct lengths."""
+    sizes = sorted(set(lengths))
+    count = [sum(1 for n in lengths if n == s) for s in sizes]
+    k = len(sizes)
+    best, cut = [0.0] + [float("inf")] * k, [0] * (k + 1)
+    for j in range(1, k + 1):
+        rows = 0
+        for i in range(j - 1, -1, -1):  # bucket = distinct lengths i..j-1, padded to sizes[j - 1]
+            rows += count[i]
+            cost = best[i] + BUCKET_OVERHEAD + rows * sizes[j - 1] ** 2
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], k
+    while j > 0:
+        groups.append(set(sizes[cut[j]: j]))
+        j = cut[j]
+    return [[r for r, n in enumerate(lengths) if n in g] for g in reversed(groups)]
 
 
 def plan(attention_mask: torch.Tensor, causal: bool = False) -> Packing | None:
@@ -94,54 +110,31 @@ def plan(attention_mask: torch.Tensor, causal: bool = False) -> Packing | None:
     if not torch.equal(real, (cols >= starts[:, None]) & (cols < (starts + counts)[:, None])):
         return None  # padding inside a row
     lengths, first = counts.tolist(), starts.tolist()
-    rows = bins_of(lengths, width)
-    if len(rows) * width > WORTH_PACKING * b * width:
+    if sum(lengths) > WORTH_PACKING * b * width:
         return None
-    take, segment, positions = [], [], []
-    back = [0] * (b * width)
-    for n, members in enumerate(rows):
-        seg, pos, at = [], [], 0
-        for r in members:
-            for p in range(lengths[r]):
-                take.append(r * width + first[r] + p)
-                back[r * width + first[r] + p] = n * width + at + p
-            seg += [r] * lengths[r]
-            pos += range(lengths[r])
-            at += lengths[r]
-        take += [0] * (width - at)
-        seg += [-1] * (width - at)
-        pos += [0] * (width - at)
-        segment.append(seg)
-        positions.append(pos)
     dev = attention_mask.device
-    return Packing(
-        rows,
-        width,
-        torch.tensor(take, device=dev),
-        torch.tensor(back, device=dev),
-        torch.tensor(segment, device=dev),
-        torch.tensor(positions, device=dev),
-        real,
-        causal,
-    )
-
-
-def prefix_slots(
-    packing: Packing, prompt_of_row: list[int], prefix_len: list[int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each bin's deep prefix: the prefixes of its rows' prompts, one after another.
-
-    Returns (prompt [bins, P], slot [bins, P]) to index a stacked prefix table [prompts, heads, P_max, D] with, and
-    ``keep`` [bins, W, P] bool: which prefix slots each packed token attends to (its own row's)."""
-    per_bin = [
-        [(r, prompt_of_row[r], k) for r in members for k in range(prefix_len[prompt_of_row[r]])]
-        for members in packing.rows
-    ]
-    p = max(1, max(len(s) for s in per_bin))
-    owner = [[r for r, _, _ in s] + [-2] * (p - len(s)) for s in per_bin]
-    prompt = [[i for _, i, _ in s] + [0] * (p - len(s)) for s in per_bin]
-    slot = [[k for _, _, k in s] + [0] * (p - len(s)) for s in per_bin]
-    dev = packing.segment.device
-    owner_t = torch.tensor(owner, device=dev)
-    keep = packing.segment[:, :, None] == owner_t[:, None, :]
-    return torch.tensor(prompt, device=dev), torch.tensor(slot, device=dev), keep
+    groups = bucket_rows(lengths)
+    order = [r for g in groups for r in g]  # the sequence holds the rows bucket by bucket
+    at, offset = 0, [0] * b
+    for r in order:
+        offset[r] = at
+        at += lengths[r]
+    length_t = torch.tensor(lengths, device=dev)
+    seq_rows = torch.tensor(order, device=dev)
+    take = (seq_rows * width + torch.tensor(first, device=dev)[seq_rows]).repeat_interleave(length_t[seq_rows])
+    positions = torch.cat([torch.arange(lengths[r], device=dev) for r in order])
+    take = take + positions
+    back = torch.zeros(b * width, dtype=torch.long, device=dev)
+    back[take] = torch.arange(len(take), device=dev)
+    buckets = []
+    for g in groups:
+        rows = torch.tensor(g, device=dev)
+        n = max(lengths[r] for r in g)
+        span = torch.arange(n, device=dev)[None, :]
+        valid = span < length_t[rows][:, None]
+        index = torch.where(valid, torch.tensor([offset[r] for r in g], device=dev)[:, None] + span, 0)
+        mask = valid[:, None, None, :].expand(len(g), 1, n, n)
+        if causal:
+            mask = mask & torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+        buckets.append(Bucket(rows, index, valid, valid.reshape(-1).nonzero().squeeze(1), mask))
+    return Packing(take, back, positions[None], real, buckets)

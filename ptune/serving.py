@@ -9,8 +9,8 @@ The backbone is loaded once. Every request names the prompt it wants; a batch ma
   padding slots masked out (``deep_attention.prefixes(..., mask)``);
 * readouts per row group: each checkpoint's verbalizer (or [CLS] head) reads its own rows;
 * on families that pack rows (encoders, decoders), a batch whose rows differ in length runs packed
-  (``ptune.packing``): rows end to end in a few sequences, each sequence attending to its own rows' deep prefixes,
-  the hidden states put back in the padded layout for the readouts.
+  (``ptune.packing``): rows end to end in one sequence, attention per row (each with its own deep prefix), the
+  hidden states put back in the padded layout for the readouts.
 
 ``padded_tables`` stacks the prompts' soft vectors and prefixes; ``ptune serve``'s completions stack them the same
 way to decode rows of several generate prompts in one batch (ptune/server/decode.py).
@@ -189,6 +189,8 @@ class PromptServer:
         for p in self.prompts:
             p.task.model.to(self.device).eval()
         prepare_frozen_backbone(self.base.backbone, self.amp, tr.cast_frozen_weights, tr.fuse_projections)
+        if self.packs_rows:
+            da.enable(self.base.backbone)  # packed rows attend per row through ptune's attention function
         self._build_tables()
 
     # ------------------------------------------------------------------ prompts added and removed while serving
@@ -309,34 +311,31 @@ class PromptServer:
         """Whether mixed batches run packed (``ptune.packing``): rows of different lengths end to end, not padded."""
         return self.pack and self.base.family.packs_rows and self.base.takes_positions
 
+    def _row_prefixes(self, pidx: torch.Tensor, used: list[int]
+                      ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, torch.Tensor | None]:
+        """Each row's deep prefix, per site ([B, heads, P, D], or [1, ...] when one prompt serves every row), padded
+        to the batch's longest, and which slots each row attends to ([B, P]; None when every row's are all real)."""
+        lengths = {self.prefix_len[i] for i in used}
+        if self.deep is None or lengths == {0}:
+            return None, None
+        if len(used) == 1:  # batch dim 1, broadcast
+            i, p = used[0], self.prefix_len[used[0]]
+            return [(k[i : i + 1, :, :p], v[i : i + 1, :, :p]) for k, v in self.deep], None
+        p = max(lengths)
+        prefixes = [(k[pidx, :, :p], v[pidx, :, :p]) for k, v in self.deep]
+        return prefixes, (self.keep[pidx, :p] if len(lengths) > 1 else None)
+
     def _run_padded(self, pidx: torch.Tensor, used: list[int], embeds: torch.Tensor, attention_mask: torch.Tensor
                     ) -> torch.Tensor:
-        """The hidden states of a padded forward; each row attends to its prompt's deep prefix, padded to the batch's
-        longest with the padding slots masked out."""
-        prefixes, keep = None, None
-        lengths = {self.prefix_len[i] for i in used}
-        if self.deep is not None and lengths != {0}:
-            if len(used) == 1:  # batch dim 1, broadcast
-                i, p = used[0], self.prefix_len[used[0]]
-                prefixes = [(k[i : i + 1, :, :p], v[i : i + 1, :, :p]) for k, v in self.deep]
-            else:
-                p = max(lengths)
-                prefixes = [(k[pidx, :, :p], v[pidx, :, :p]) for k, v in self.deep]
-                if len(lengths) > 1:
-                    keep = self.keep[pidx, :p]
-        with da.prefixes(prefixes, keep):
+        """The hidden states of a padded forward; each row attends to its prompt's deep prefix."""
+        with da.prefixes(*self._row_prefixes(pidx, used)):
             return self.base.family.run(self.base, embeds, attention_mask)
 
     def _run_packed(self, packing: packed.Packing, pidx: torch.Tensor, used: list[int], embeds: torch.Tensor
                     ) -> torch.Tensor:
-        """The hidden states of a packed forward, in the padded layout; each bin attends to the deep prefixes of its
-        own rows' prompts, one after another."""
-        prefixes, keep = None, None
-        if self.deep is not None and any(self.prefix_len[i] for i in used):
-            prompt, slot, keep = packed.prefix_slots(packing, pidx.tolist(), self.prefix_len)
-            # [prompts, heads, P_max, D] indexed [bins, P] -> [bins, P, heads, D] -> [bins, heads, P, D]
-            prefixes = [(k[prompt, :, slot].transpose(1, 2), v[prompt, :, slot].transpose(1, 2)) for k, v in self.deep]
-        with da.prefixes(prefixes, keep):
+        """The hidden states of a packed forward, in the padded layout; attention runs per row, bucket by bucket,
+        each row with its own prompt's deep prefix."""
+        with da.prefixes(*self._row_prefixes(pidx, used), buckets=packing.buckets):
             hidden = self.base.family.run_packed(self.base, packing.pack(embeds), packing.mask(), packing.positions)
         return packing.unpack(hidden)
 

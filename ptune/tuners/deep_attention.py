@@ -29,7 +29,9 @@ IMPLEMENTATION = "ptune_sdpa"
 @dataclass
 class _State:
     prefixes: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per site: key, value [B, H, P, D]
-    prefix_mask: torch.Tensor | None = None  # [B, P] or [B, L, P] bool, False = a slot this row/token skips
+    prefix_mask: torch.Tensor | None = None  # [B, P] bool, False = a slot this row skips
+    buckets: list | None = None  # packed rows (ptune.packing.Bucket): attention per row, bucket by bucket
+    bucket_masks: dict | None = None  # (bucket, prefix slots) -> its mask with the prefix columns, built once
     record: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # site -> (key, value) seen
     keep_grad: bool = False  # recorded keys/values stay in the autograd graph (shared-prefix forward)
 
@@ -41,6 +43,8 @@ def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
     state = _ACTIVE.get()
     site = getattr(module, "_ptune_site", None)
     if state is not None and site is not None:
+        if state.buckets is not None:
+            return _varlen(module, query, key, value, state, site, kwargs)
         if state.record is not None:
             state.record[site] = (key, value) if state.keep_grad else (key.detach(), value.detach())
         if state.prefixes is not None:
@@ -49,6 +53,64 @@ def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
                 module, query, key, value, pk, pv, attention_mask, kwargs, state.prefix_mask
             )
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _varlen(module, query, key, value, state: _State, site: int, kwargs):
+    """Attention of rows packed end to end in one sequence ([1, H, T, D]): each bucket's rows gathered into a padded
+    batch, each row attending to its own tokens and its own prefix (``ptune.packing``), the outputs laid back end
+    to end ([1, T, H, D], as the attention function returns)."""
+    kwargs = {k: v for k, v in kwargs.items() if k != "is_causal"}  # the buckets' masks are causal where need be
+    # [1, H, T, D] -> [T, H, D]: a view of the projections' [T, H * D] rows, so each gather copies whole rows
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    pk = pv = None
+    if state.prefixes is not None:
+        pk, pv = state.prefixes[site]
+    out = []
+    for n, b in enumerate(state.buckets):
+        qb, kb, vb = (t[b.index].transpose(1, 2) for t in (q, k, v))  # [rows, H, L, D]
+        mask = b.mask
+        if pk is not None:
+            p = pk.shape[-2]
+            rows = b.rows if pk.shape[0] > 1 else torch.zeros_like(b.rows)  # one prompt: [1, ...] for every row
+            kb = torch.cat([pk[rows].to(kb.dtype), kb], dim=2)
+            vb = torch.cat([pv[rows].to(vb.dtype), vb], dim=2)
+            mask = state.bucket_masks.get((n, p))
+            if mask is None:
+                keep = state.prefix_mask
+                keep = (torch.ones(len(b.rows), p, dtype=torch.bool, device=qb.device) if keep is None
+                        else keep[b.rows])
+                length = b.mask.shape[-1]
+                mask = torch.cat([keep[:, None, None, :].expand(-1, 1, length, p), b.mask], dim=-1)
+                state.bucket_masks[(n, p)] = mask
+        if qb.device.type == "cpu":
+            bias = state.bucket_masks.get((n, "bias", kb.shape[2]))
+            if bias is None:
+                bias = torch.zeros(mask.shape, device=qb.device).masked_fill_(~mask, float("-inf"))
+                state.bucket_masks[(n, "bias", kb.shape[2])] = bias
+            o = _short_attention(module, qb, kb, vb, bias, kwargs.get("scaling"))
+        else:
+            o, _ = sdpa_attention_forward(module, qb, kb, vb, mask, **kwargs)  # [rows, L, H, D]
+        out.append(o.reshape(-1, *o.shape[2:]).index_select(0, b.real))  # the rows' real tokens, end to end
+    return torch.cat(out)[None], None
+
+
+def _short_attention(module, q, k, v, bias, scaling: float | None) -> torch.Tensor:
+    """softmax(q k^T * scaling + bias) v for a bucket of short packed rows on a CPU, in float32 batched matmuls:
+    1.4-1.7x faster than SDPA's flash kernel at these sizes (rows of 15-55 tokens, 12 heads of 32; 2-core AMD EPYC,
+    bf16 inputs), with the same error against a float32 reference. [rows, H, L, D] in, [rows, L, H, D] out (as the
+    attention function returns); grouped-query key/value heads are repeated as ``repeat_kv`` does."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    n, h, length, d = q.shape
+    keys = k.shape[2]
+    scale = d**-0.5 if scaling is None else scaling
+    with torch.autocast(q.device.type, enabled=False):  # autocast would run the matmuls, scores too, in bf16
+        scores = torch.baddbmm(bias.expand(n, h, length, keys).reshape(n * h, length, keys),
+                               q.float().reshape(n * h, length, d), k.float().reshape(n * h, keys, d).transpose(1, 2),
+                               alpha=scale)
+        out = torch.bmm(torch.softmax(scores, -1), v.float().reshape(n * h, keys, d))
+    return out.view(n, h, length, d).transpose(1, 2).to(q.dtype)
 
 
 def _extend(module, query, key, value, pk, pv, mask, kwargs, keep=None):
@@ -75,7 +137,7 @@ def _extend(module, query, key, value, pk, pv, mask, kwargs, keep=None):
         if mask.dtype != torch.bool:
             keep = torch.zeros(keep.shape, dtype=mask.dtype, device=key.device).masked_fill(
                 ~keep, torch.finfo(mask.dtype).min)
-        left = keep[:, None] if keep.dim() == 3 else keep[:, None, None, :]  # per query (packed rows) or per row
+        left = keep[:, None, None, :]
         mask = torch.cat([left.expand(b, mask.shape[1], q_len, p), mask], dim=-1)
     elif mask is not None:
         mask = F.pad(mask, (p, 0), value=True if mask.dtype == torch.bool else 0.0)
@@ -136,12 +198,14 @@ def _activated(state: _State | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def prefixes(
-    per_site: list[tuple[torch.Tensor, torch.Tensor]] | None, mask: torch.Tensor | None = None
+    per_site: list[tuple[torch.Tensor, torch.Tensor]] | None, mask: torch.Tensor | None = None,
+    buckets: list | None = None,
 ) -> Iterator[None]:
-    """``mask`` (optional, bool): which prefix slots each row attends to: [B, P] for rows whose prompts have
-    different prefix lengths padded to the longest, [B, L, P] per token where one sequence packs several rows
-    (``ptune.packing``)."""
-    with _activated(_State(prefixes=per_site, prefix_mask=mask)):
+    """``mask`` (optional, bool): which prefix slots each row attends to, [B, P], for rows whose prompts have
+    different prefix lengths padded to the longest. ``buckets``: the rows are packed end to end in one sequence
+    (``ptune.packing.Packing.buckets``), and attention runs per row, bucket by bucket; ``per_site`` and ``mask``
+    are still per row ([B, ...], or [1, ...] for every row)."""
+    with _activated(_State(prefixes=per_site, prefix_mask=mask, buckets=buckets, bucket_masks={})):
         yield
 
 
