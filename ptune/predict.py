@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from .data import builtin_columns
 from .errors import PtuneError
 
 
@@ -87,23 +86,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         raise PtuneError(f"{where} is empty: it holds no JSON lines")
     return rows
 
-
-
-def input_columns(cfg, fields: Sequence[str]) -> dict[str, list[str]]:
-    """Where each template field may be found in an input object: its own name, then the data set's column. Read
-    once per checkpoint (``ServedPrompt.columns``): going through the omegaconf config for every input cost
-    ``ptune serve`` a fifth of its HTTP time per request."""
-    mapped = cfg.dataset.get("fields")
-    builtin = builtin_columns(str(cfg.dataset.get("name")))  # sst2: text_a -> sentence, cb: -> premise
-    out = {}
-    for name in fields:
-        cands = [name]
-        if isinstance(mapped, Mapping) and mapped.get(name):
-            cands.append(str(mapped[name]))
-        if name in builtin:
-            cands.append(builtin[name])
-        out[name] = list(dict.fromkeys(cands))
-    return out
 
 
 def example_for(prompt, obj: Mapping[str, Any], where: str) -> dict[str, str]:
@@ -222,6 +204,7 @@ def predict_generate(paths, inputs, overrides, batch_size: int, device: str | No
 
     from .batching import Encoded
     from .config import trainer_config
+    from .data import input_columns
     from .generation import generate_texts, prompt_rows
     from .inference import load_task
     from .runtime import pick_amp, pick_device
@@ -233,7 +216,7 @@ def predict_generate(paths, inputs, overrides, batch_size: int, device: str | No
         task.model.readout.check_prediction(True, p)
         fields = task.renderer.template.field_names
         prompts.append(SimpleNamespace(name=p, checkpoint=str(ckpt), task=task, cfg=cfg, fields=fields,
-                                       columns=input_columns(cfg, fields)))
+                                       columns=input_columns(cfg.dataset, fields)))
     requests: list[list[tuple[int, dict]]] = [[] for _ in prompts]
     for n, obj in enumerate(inputs):
         where = f"{source} line {n + 1}"

@@ -36,6 +36,7 @@ from .backbone.identity import identity_mismatch
 from .batching import Encoded, collate, eval_batches
 from .build import Task
 from .config import section, trainer_config
+from .data import input_columns
 from .efficiency.frozen import prepare_frozen_backbone
 from .errors import PtuneError
 from .inference import read_saved, rebuild
@@ -63,10 +64,8 @@ class ServedPrompt:
 
     @functools.cached_property
     def columns(self) -> dict[str, list[str]]:
-        """Where each template field may be found in an input object (``predict.input_columns``), read once."""
-        from .predict import input_columns
-
-        return input_columns(self.cfg, self.fields)
+        """Where each template field may be found in an input object (``data.input_columns``), read once."""
+        return input_columns(self.cfg.dataset, self.fields)
 
     @property
     def mixable(self) -> bool:

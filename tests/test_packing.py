@@ -118,3 +118,10 @@ def test_packed_mixed_batch_equals_padded(tiny_models, tmp_path, monkeypatch, am
     want = padded_server.scores(requests, batch_size=len(requests))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.float(), w.float(), atol=close(amp, 1e-5), rtol=close(amp, 0))
+    # one prompt's rows alone (its prefix broadcast to every row), for the last prompt: deep unless "shallow"
+    alone = [(len(paths) - 1, {"text_a": s}) for s in sentences]
+    plans.clear()
+    got = packed_server.scores(alone, batch_size=len(alone))
+    assert plans and all(p is not None for p in plans)
+    for g, w in zip(got, padded_server.scores(alone, batch_size=len(alone)), strict=True):
+        torch.testing.assert_close(g.float(), w.float(), atol=close(amp, 1e-5), rtol=close(amp, 0))

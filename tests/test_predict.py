@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
+from ptune.data import input_columns
 from ptune.errors import PtuneError
 from ptune.inference import load_task
-from ptune.predict import example_for, input_columns, predict
+from ptune.predict import example_for, predict
 
 from .helpers import SENTENCES, batch, logits, make_cfg
 from .test_cli import ptune
@@ -54,12 +55,12 @@ def test_input_columns_accept_the_data_sets_own_column_names():
 
     from omegaconf import OmegaConf
 
-    sst2 = OmegaConf.create({"dataset": {"name": "sst2"}})
+    sst2 = OmegaConf.create({"name": "sst2"})
     assert input_columns(sst2, ["text_a"]) == {"text_a": ["text_a", "sentence"]}
-    cb = OmegaConf.create({"dataset": {"name": "cb"}})
+    cb = OmegaConf.create({"name": "cb"})
     assert input_columns(cb, ["text_a", "text_b"]) == {"text_a": ["text_a", "premise"],
                                                        "text_b": ["text_b", "hypothesis"]}
-    own = OmegaConf.create({"dataset": {"name": "csv", "fields": {"text_a": "review"}}})
+    own = OmegaConf.create({"name": "csv", "fields": {"text_a": "review"}})
     assert input_columns(own, ["text_a", "text_a"]) == {"text_a": ["text_a", "review"]}
     prompt = SimpleNamespace(columns=input_columns(cb, ["text_a", "text_b"]))
     assert example_for(prompt, {"premise": "p", "text_b": "h", "other": 1}, "x") == {"text_a": "p", "text_b": "h"}

@@ -3,14 +3,14 @@
 
 from ptune.data.safe_pickle import safe_load
 from ptune.data.selection import load_train_dev, sample_limit, subsample, training_examples
-from ptune.data.sources import DATASETS, VALID_DATASETS, DatasetSource, Split, builtin_columns, k_shot, load_split
+from ptune.data.sources import DATASETS, VALID_DATASETS, DatasetSource, Split, input_columns, k_shot, load_split
 
 __all__ = [
     "DATASETS",
     "VALID_DATASETS",
     "DatasetSource",
     "Split",
-    "builtin_columns",
+    "input_columns",
     "k_shot",
     "load_split",
     "load_train_dev",

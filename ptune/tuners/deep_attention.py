@@ -31,7 +31,7 @@ class _State:
     prefixes: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per site: key, value [B, H, P, D]
     prefix_mask: torch.Tensor | None = None  # [B, P] bool, False = a slot this row skips
     buckets: list | None = None  # packed rows (ptune.packing.Bucket): attention per row, bucket by bucket
-    bucket_masks: dict | None = None  # (bucket, prefix slots) -> its mask with the prefix columns, built once
+    bucket_masks: dict | None = None  # (bucket, prefix slots) -> (mask, bias) with the prefix columns, built once
     record: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # site -> (key, value) seen
     keep_grad: bool = False  # recorded keys/values stay in the autograd graph (shared-prefix forward)
 
@@ -68,30 +68,41 @@ def _varlen(module, query, key, value, state: _State, site: int, kwargs):
     out = []
     for n, b in enumerate(state.buckets):
         qb, kb, vb = (t[b.index].transpose(1, 2) for t in (q, k, v))  # [rows, H, L, D]
-        mask = b.mask
+        p = 0
         if pk is not None:
             p = pk.shape[-2]
             rows = b.rows if pk.shape[0] > 1 else torch.zeros_like(b.rows)  # one prompt: [1, ...] for every row
             kb = torch.cat([pk[rows].to(kb.dtype), kb], dim=2)
             vb = torch.cat([pv[rows].to(vb.dtype), vb], dim=2)
-            mask = state.bucket_masks.get((n, p))
-            if mask is None:
-                keep = state.prefix_mask
-                keep = (torch.ones(len(b.rows), p, dtype=torch.bool, device=qb.device) if keep is None
-                        else keep[b.rows])
-                length = b.mask.shape[-1]
-                mask = torch.cat([keep[:, None, None, :].expand(-1, 1, length, p), b.mask], dim=-1)
-                state.bucket_masks[(n, p)] = mask
-        if qb.device.type == "cpu":
-            bias = state.bucket_masks.get((n, "bias", kb.shape[2]))
-            if bias is None:
-                bias = torch.zeros(mask.shape, device=qb.device).masked_fill_(~mask, float("-inf"))
-                state.bucket_masks[(n, "bias", kb.shape[2])] = bias
+        mask, bias = _bucket_mask(state, n, p, qb.device)
+        if bias is not None:
             o = _short_attention(module, qb, kb, vb, bias, kwargs.get("scaling"))
         else:
             o, _ = sdpa_attention_forward(module, qb, kb, vb, mask, **kwargs)  # [rows, L, H, D]
         out.append(o.reshape(-1, *o.shape[2:]).index_select(0, b.real))  # the rows' real tokens, end to end
     return torch.cat(out)[None], None
+
+
+def _bucket_mask(state: _State, n: int, p: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Bucket ``n``'s mask with ``p`` prefix columns in front ([rows, 1, L, p + L] bool: each row's own prefix slots,
+    then its own tokens) and, on a CPU, the same as an additive bias for ``_short_attention``; built once per
+    forward and shared by every layer."""
+    got = state.bucket_masks.get((n, p))
+    if got is None:
+        bucket = state.buckets[n]
+        mask = bucket.mask
+        if p:
+            keep = state.prefix_mask  # [B, p], or None where every row attends to all p slots
+            if keep is None:
+                keep = torch.ones(len(bucket.rows), p, dtype=torch.bool, device=device)
+            else:
+                keep = keep[bucket.rows]
+            mask = torch.cat([keep[:, None, None, :].expand(-1, 1, mask.shape[-2], p), mask], dim=-1)
+        bias = None
+        if device.type == "cpu":
+            bias = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
+        got = state.bucket_masks[(n, p)] = (mask, bias)
+    return got
 
 
 def _short_attention(module, q, k, v, bias, scaling: float | None) -> torch.Tensor:
