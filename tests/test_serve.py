@@ -314,6 +314,26 @@ def test_full_queue_gives_503_and_sigterm_drains(bert_runs, tmp_path):
             srv.proc.kill()
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the server's threads from Linux's /proc")
+def test_an_idle_server_stops_on_sigterm_whichever_thread_receives_it(bert_runs, tmp_path):
+    """The kernel hands a process's signal to any of its threads. Python runs the handler only in the main thread,
+    which an idle server spends waiting for work: given to another thread (uvicorn's, torch's), SIGTERM was left
+    unhandled until a request came, and an idle ``ptune serve`` never stopped (2 of 8 stops of a generate server
+    hung). ``kill`` of a thread's id hands the signal to that thread, so each one is tried here."""
+    srv = Server([str(bert_runs["soft4"])], cwd=tmp_path)
+    try:
+        assert srv.json("POST", "/v1/classify", {"model": "soft4", "inputs": ["fine"]}, token=None)[0] == 200
+        time.sleep(0.5)  # the worker, answered, waits for the next request
+        main = srv.proc.pid
+        others = sorted(int(t) for t in os.listdir(f"/proc/{main}/task") if int(t) != main)
+        assert others  # uvicorn's thread at least
+        os.kill(others[0], signal.SIGTERM)  # the kill of a thread id prefers that thread
+        assert srv.proc.wait(timeout=30) == 0, "".join(srv.log)
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+
+
 GENERATE = {"readout": "generate", "text": "{text_a} It was {mask}", "max_target_length": 6,
             "label_words": {"negative": ["terrible"], "positive": ["great"]}}
 # generate prompts of every kind on one tiny Llama: soft slots of different counts, deep prefixes of different

@@ -80,6 +80,7 @@ class Control:
 
 
 _STOP = object()
+IDLE_TICK = 0.2  # seconds: how late an idle worker in the main thread runs a signal handler at most
 
 
 class Batcher:
@@ -143,7 +144,7 @@ class Batcher:
         self._freeze()
         carry = None
         while True:
-            first = carry if carry is not None else self._fifo.get()
+            first = carry if carry is not None else self._take()
             carry = None
             if first is _STOP:
                 return
@@ -165,6 +166,17 @@ class Batcher:
             start = time.perf_counter()
             self._execute(batch)
             self.metrics.batch_time(time.perf_counter() - start)
+
+    def _take(self) -> Any:
+        """The next item of the FIFO, waited for in slices of ``IDLE_TICK``. Python runs a signal handler only when
+        the main thread runs Python: a SIGTERM that the kernel handed to another thread (torch's, uvicorn's) left an
+        idle ``ptune serve`` blocked here, its drain handler never run, until a request came (2 of 8 idle stops
+        hung)."""
+        while True:
+            try:
+                return self._fifo.get(timeout=IDLE_TICK)
+            except queue.Empty:
+                continue
 
     def _change(self, action: Callable[[PromptServer], Any]) -> Any:
         """Apply a change of the prompts; with ``freeze_gc``, a removed prompt's objects are collected and an added
