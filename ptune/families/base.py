@@ -62,8 +62,9 @@ class Family:
     weights) instead of computing logits over the whole vocabulary."""
     packs_rows: ClassVar[bool] = False
     """Rows of different lengths may share one sequence to score classes (``ptune.packing``): the body takes position
-    ids and a ready 4D mask, and its attention depends on nothing else across the sequence. Not seq2seq: the decoder
-    would need a packed cross-attention mask too."""
+    ids and a ready 4D mask, and its self-attention goes through ptune's attention function (which runs it per row)
+    and depends on nothing else across the sequence. Not seq2seq: the decoder's cross-attention would need packing
+    too."""
     peft_task_type: ClassVar[str]
     """PEFT's ``task_type`` for an exported adapter."""
     peft_prefix_export: ClassVar[bool] = False
@@ -121,8 +122,9 @@ class Family:
     def run_packed(
         self, pm: PromptModel, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
-        """``run`` on packed sequences (``packs_rows``): ``mask`` [bins, 1, W, W] block-diagonal, ``positions``
-        restarting at every row."""
+        """``run`` on rows packed end to end in one sequence (``packs_rows``): ``mask`` [1, 1, T, T], which ptune's
+        attention function sets aside for its per-row buckets (``deep_attention.prefixes(..., buckets=...)``);
+        ``positions`` restarting at every row."""
         return pm.hidden_states(embeds, mask, positions)
 
     def run_hidden(self, pm: PromptModel, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ class CausalFamily(Family):
     left_pad: ClassVar[bool] = True
     causal_attention: ClassVar[bool] = True
     label_rows_only: ClassVar[bool] = True
-    packs_rows: ClassVar[bool] = True  # rotary or absolute positions from position_ids; the mask made causal per row
+    packs_rows: ClassVar[bool] = True  # rotary or absolute positions from position_ids; attention causal per row
     peft_task_type: ClassVar[str] = "CAUSAL_LM"
     peft_prefix_export: ClassVar[bool] = True
     answer_description: ClassVar[str] = "next-token logits at the last position"
