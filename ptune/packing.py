@@ -6,9 +6,9 @@ into forwards of similar lengths leaves 1.18x but needs 3.6x as many forwards, e
 serve``'s ``length_chunks``). Packed, the rows sit end to end in one sequence, and every layer but attention (the
 projections, the MLP, the norms: most of the work) computes the real tokens only. Attention runs "varlen": each row
 attends to its own tokens only (earlier ones only for a decoder) and its own prompt's deep prefix, in ``buckets`` of
-rows of similar lengths, each padded to its longest row (``deep_attention.varlen``); position ids restart at every
-row. So each row computes what it computes padded, up to float rounding, and ``unpack`` puts the hidden states back
-in the padded layout (left or right padded) for the readouts.
+rows of similar lengths, each padded to its longest row (``deep_attention.prefixes(..., buckets=...)``); position
+ids restart at every row. So each row computes what it computes padded, up to float rounding, and ``unpack`` puts
+the hidden states back in the padded layout (left or right padded) for the readouts.
 
 Before the buckets, rows were packed into bins as wide as the longest row with a block-diagonal mask over each bin:
 1.11x the real tokens, and attention over whole bins (1.7x the pairs of sorted batches). Arrival-order batches of 32
@@ -61,7 +61,7 @@ class Packing:
 
     def mask(self) -> torch.Tensor:
         """[1, 1, T, T] all true, without memory: the body wants a ready 4D mask, and attention ignores it for the
-        buckets' own (``deep_attention.varlen``)."""
+        buckets' own (``deep_attention.prefixes(..., buckets=...)``)."""
         return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.take.device).expand(1, 1, self.tokens, self.tokens)
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
